@@ -1,0 +1,139 @@
+"""Loading results: COPY into staging tables, then one transaction swaps them in.
+
+Each result table gets its own connection, so the three COPY streams overlap with each
+other and with the aggregation feeding them. Readers never see the staging tables; the
+swap (drop old, rename staging, record the run's final status) happens in a single
+transaction, so a reader sees the complete old results or the complete new ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
+
+import asyncpg
+
+from . import sql
+from .database import Connection, Pool
+
+_DONE = object()
+SWAP_ATTEMPTS = 5
+
+
+class TableStream:
+    """A queue of record batches feeding one COPY into one staging table."""
+
+    def __init__(self, conn: Connection, table: str) -> None:
+        self.conn = conn
+        self.table = table
+        self.queue: asyncio.Queue[object] = asyncio.Queue(maxsize=4)
+        self.rows = 0
+        self.task: asyncio.Task[None] | None = None
+
+    async def _records(self) -> AsyncIterator[Sequence[Any]]:
+        while (batch := await self.queue.get()) is not _DONE:
+            assert isinstance(batch, list)
+            self.rows += len(batch)
+            for record in batch:
+                yield record
+
+    async def run(self) -> None:
+        await self.conn.copy_records_to_table(
+            sql.staging(self.table),
+            records=self._records(),
+            columns=list(sql.RESULT_TABLES[self.table]),
+        )
+        await self.conn.execute(sql.index_staging(self.table))
+
+    async def put(self, batch: object) -> None:
+        """Queue a batch, unless the COPY already died (then raise its error)."""
+        assert self.task is not None
+        put = asyncio.ensure_future(self.queue.put(batch))
+        done, _ = await asyncio.wait({put, self.task}, return_when=asyncio.FIRST_COMPLETED)
+        if self.task in done and put not in done:
+            put.cancel()
+            self.task.result()
+            raise RuntimeError(f"COPY into {self.table} ended early")
+
+    async def put_done(self) -> None:
+        await self.put(_DONE)
+
+
+class StagedLoad:
+    """Staging tables filled over three connections; ``commit`` swaps them in."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self.streams: dict[str, TableStream] = {}
+        self._conns: list[Connection] = []
+
+    async def __aenter__(self) -> StagedLoad:
+        try:
+            for table in sql.RESULT_TABLES:
+                conn: Connection = await self.pool.acquire()
+                self._conns.append(conn)
+                await conn.execute(sql.create_staging(table))
+                stream = TableStream(conn, table)
+                stream.task = asyncio.create_task(stream.run(), name=f"copy-{table}")
+                self.streams[table] = stream
+        except BaseException:
+            await self._abort()
+            raise
+        return self
+
+    async def put(self, table: str, batch: list[Any]) -> None:
+        if batch:
+            await self.streams[table].put(batch)
+
+    async def finish(self) -> dict[str, int]:
+        """Close the streams and wait for every COPY and index; rows loaded per table."""
+        for stream in self.streams.values():
+            await stream.put_done()
+        await asyncio.gather(*(s.task for s in self.streams.values() if s.task))
+        return {table: s.rows for table, s in self.streams.items()}
+
+    async def commit(
+        self,
+        finalize: Callable[[Connection], Awaitable[None]],
+        lock_timeout: float,
+    ) -> None:
+        """Swap all staging tables in and run ``finalize`` in the same transaction.
+
+        The swap needs an exclusive lock on each result table; a reader holding one
+        must not stall it forever, so the lock wait is bounded and the swap retried.
+        """
+        conn = self._conns[0]
+        for attempt in range(1, SWAP_ATTEMPTS + 1):
+            try:
+                async with conn.transaction():
+                    await conn.execute(f"SET LOCAL lock_timeout = '{int(lock_timeout * 1000)}ms'")
+                    for table in sql.RESULT_TABLES:
+                        await conn.execute(sql.swap(table))
+                    await finalize(conn)
+                return
+            except asyncpg.LockNotAvailableError:
+                if attempt == SWAP_ATTEMPTS:
+                    raise
+                await asyncio.sleep(0.1 * attempt)
+
+    async def _abort(self) -> None:
+        for stream in self.streams.values():
+            if stream.task is not None and not stream.task.done():
+                stream.task.cancel()
+        for stream in self.streams.values():
+            if stream.task is not None:
+                await asyncio.gather(stream.task, return_exceptions=True)
+        for conn, table in zip(self._conns, sql.RESULT_TABLES, strict=False):
+            try:
+                await conn.execute(sql.drop_staging(table))
+            except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError):
+                conn.terminate()
+
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
+        try:
+            if exc_type is not None:
+                await asyncio.shield(self._abort())
+        finally:
+            for conn in self._conns:
+                await self.pool.release(conn)

@@ -1,0 +1,154 @@
+"""Every SQL statement the service runs, with $n parameters. Table names are constants."""
+
+from __future__ import annotations
+
+RESULT_TABLES: dict[str, tuple[str, ...]] = {
+    "experiment_counts": ("user_id", "name", "experiment_count"),
+    "experiment_averages": ("user_id", "name", "average_experiments", "average_run_time"),
+    "top_compounds": (
+        "user_id",
+        "compound_id",
+        "compound_name",
+        "compound_structure",
+        "experiment_count",
+        "tie_count",
+    ),
+}
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS experiment_counts (
+    user_id bigint PRIMARY KEY,
+    name text NOT NULL,
+    experiment_count integer NOT NULL
+);
+CREATE TABLE IF NOT EXISTS experiment_averages (
+    user_id bigint PRIMARY KEY,
+    name text NOT NULL,
+    average_experiments double precision NOT NULL,
+    average_run_time double precision
+);
+CREATE TABLE IF NOT EXISTS top_compounds (
+    user_id bigint PRIMARY KEY,
+    compound_id bigint NOT NULL,
+    compound_name text NOT NULL,
+    compound_structure text NOT NULL,
+    experiment_count integer NOT NULL,
+    tie_count integer NOT NULL
+);
+CREATE TABLE IF NOT EXISTS etl_runs (
+    id bigserial PRIMARY KEY,
+    status text NOT NULL
+        CHECK (status IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')),
+    created_at timestamptz NOT NULL DEFAULT now(),
+    started_at timestamptz,
+    finished_at timestamptz,
+    source jsonb NOT NULL,
+    options jsonb NOT NULL DEFAULT '{}',
+    progress jsonb NOT NULL DEFAULT '{}',
+    stats jsonb,
+    errors jsonb NOT NULL DEFAULT '[]',
+    error_total integer NOT NULL DEFAULT 0,
+    message text,
+    idempotency_key text UNIQUE,
+    request_hash text
+);
+-- Single flight: at most one queued or running run per database, across processes.
+CREATE UNIQUE INDEX IF NOT EXISTS etl_runs_one_active ON etl_runs ((true))
+    WHERE status IN ('queued', 'running');
+CREATE INDEX IF NOT EXISTS etl_runs_status_id ON etl_runs (status, id DESC);
+"""
+
+# Serialises schema creation between processes starting at the same time.
+SCHEMA_LOCK = "SELECT pg_advisory_xact_lock(727274)"
+
+# Held (session level) by the process executing a run; recovery uses it to tell a live
+# run from one whose process died.
+RUN_LOCK = "SELECT pg_try_advisory_lock(727275, $1::int)"
+RUN_UNLOCK = "SELECT pg_advisory_unlock(727275, $1::int)"
+
+SCHEMA_READY = """
+SELECT count(*) = 4 FROM pg_catalog.pg_tables
+WHERE schemaname = current_schema()
+  AND tablename IN ('experiment_counts', 'experiment_averages', 'top_compounds', 'etl_runs')
+"""
+
+
+def staging(table: str) -> str:
+    return f"{table}_staging"
+
+
+def create_staging(table: str) -> str:
+    return (
+        f"DROP TABLE IF EXISTS {staging(table)}; "
+        f"CREATE TABLE {staging(table)} (LIKE {table} INCLUDING DEFAULTS INCLUDING CONSTRAINTS)"
+    )
+
+
+def index_staging(table: str) -> str:
+    return (
+        f"ALTER TABLE {staging(table)} ADD CONSTRAINT {staging(table)}_pkey PRIMARY KEY (user_id)"
+    )
+
+
+def drop_staging(table: str) -> str:
+    return f"DROP TABLE IF EXISTS {staging(table)}"
+
+
+def swap(table: str) -> str:
+    """Replace a result table by its staging table (inside the caller's transaction)."""
+    return (
+        f"DROP TABLE {table}; "
+        f"ALTER TABLE {staging(table)} RENAME TO {table}; "
+        f"ALTER INDEX {staging(table)}_pkey RENAME TO {table}_pkey"
+    )
+
+
+INSERT_RUN = """
+INSERT INTO etl_runs (status, source, options, idempotency_key, request_hash)
+VALUES ('queued', $1::jsonb, $2::jsonb, $3, $4)
+RETURNING *
+"""
+ACTIVE_RUN = "SELECT * FROM etl_runs WHERE status IN ('queued', 'running') ORDER BY id LIMIT 1"
+RUN_BY_ID = "SELECT * FROM etl_runs WHERE id = $1"
+RUN_BY_KEY = "SELECT * FROM etl_runs WHERE idempotency_key = $1"
+LIST_RUNS = """
+SELECT * FROM etl_runs WHERE ($1::text IS NULL OR status = $1) ORDER BY id DESC LIMIT $2
+"""
+START_RUN = """
+UPDATE etl_runs SET status = 'running', started_at = now() WHERE id = $1 AND status = 'queued'
+"""
+SET_PROGRESS = "UPDATE etl_runs SET progress = $2::jsonb WHERE id = $1"
+FINISH_RUN = """
+UPDATE etl_runs
+SET status = $2, finished_at = now(), progress = $3::jsonb, stats = $4::jsonb,
+    errors = $5::jsonb, error_total = $6, message = $7
+WHERE id = $1
+"""
+# Runs left active by a process that died: nobody holds their run lock any more.
+ORPHANED_RUNS = "SELECT id FROM etl_runs WHERE status IN ('queued', 'running')"
+FAIL_ORPHAN = """
+UPDATE etl_runs SET status = 'failed', finished_at = now(), message = $2
+WHERE id = $1 AND status IN ('queued', 'running')
+"""
+LAST_SUCCESS = """
+SELECT * FROM etl_runs WHERE status = 'succeeded' ORDER BY finished_at DESC LIMIT 1
+"""
+
+USER_FEATURES = """
+SELECT c.user_id, c.name, c.experiment_count,
+       a.average_experiments, a.average_run_time,
+       t.compound_id, t.compound_name, t.compound_structure,
+       t.experiment_count AS top_compound_experiments, t.tie_count
+FROM experiment_counts c
+JOIN experiment_averages a USING (user_id)
+LEFT JOIN top_compounds t USING (user_id)
+WHERE c.user_id = $1
+"""
+
+
+def select_rows(table: str) -> str:
+    return f"SELECT * FROM {table} ORDER BY user_id LIMIT $1"
+
+
+def select_user(table: str) -> str:
+    return f"SELECT * FROM {table} WHERE user_id = $1"

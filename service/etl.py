@@ -1,0 +1,375 @@
+"""One ETL run end to end: files -> validated rows -> partitions -> result rows -> COPY.
+
+Everything CPU-heavy runs in an executor (worker processes, or one thread when
+``workers`` is 1), so the event loop stays free. Phase 1 reads users and compounds, then
+the experiments in byte ranges, in parallel, spilling rows by user partition to a
+temporary directory; phase 2 aggregates partitions in parallel while their result rows
+stream into three staging tables; a final transaction swaps them in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Literal, ParamSpec, TypeVar
+
+from .db.database import Connection, Pool
+from .db.load import StagedLoad
+from .pipeline.aggregate import aggregate_partition
+from .pipeline.csvfile import split_ranges
+from .pipeline.errors import ErrorLog, FileError, InputError, RowError
+from .pipeline.features import FeatureRows, global_average
+from .pipeline.plan import InputPlan, plan_inputs
+from .pipeline.scan import (
+    Compounds,
+    ExperimentContext,
+    ScanResult,
+    scan_compounds,
+    scan_experiments,
+    scan_users,
+)
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+PARTITION_BYTES = 16 << 20  # experiments per partition, in input bytes
+RANGE_BYTES = 32 << 20  # experiments per parse task
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    on_error: Literal["abort", "skip"] = "abort"
+    max_errors: int = 1000
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Progress:
+    phase: str = "queued"
+    bytes_total: int = 0
+    bytes_read: int = 0
+    rows_read: dict[str, int] = field(
+        default_factory=lambda: {"users": 0, "experiments": 0, "compounds": 0}
+    )
+    partitions_done: int = 0
+    partitions_total: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class RunStats:
+    users: int
+    compounds: int
+    experiments: int
+    global_average: float
+    rows_loaded: dict[str, int]
+    rows_rejected: int
+    duration_s: float
+    phases_s: dict[str, float]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Cancelled(Exception):
+    """Raised inside workers when the run's stop file appears."""
+
+
+@dataclass(frozen=True)
+class StopFile:
+    """A picklable check, called per batch in workers, that stops a cancelled run."""
+
+    path: Path
+
+    def __call__(self, _rows: int) -> None:
+        if self.path.exists():
+            raise Cancelled()
+
+
+def make_executor(workers: int) -> Executor:
+    """Worker processes for real parallelism; one thread when asked for one worker."""
+    if workers <= 1:
+        return ThreadPoolExecutor(max_workers=1, thread_name_prefix="etl-worker")
+    return ProcessPoolExecutor(max_workers=workers, mp_context=get_context("forkserver"))
+
+
+Finalize = Callable[[Connection, RunStats], Awaitable[None]]
+
+
+class Pipeline:
+    """Runs one ETL run; ``progress`` is live for status pages."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        pool: Pool,
+        executor: Executor,
+        source: Path,
+        options: RunOptions,
+    ) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.executor = executor
+        self.source = source
+        self.options = options
+        self.progress = Progress()
+        self.errors = ErrorLog()
+        self.fatal = False  # a whole file could not be read: no mode can go on
+        self.phases: dict[str, float] = {}
+        self._stop: StopFile | None = None
+        self.exp_prefixes: list[str] = []
+
+    async def _call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, partial(fn, *args, **kwargs))
+
+    async def run(self, finalize: Finalize) -> RunStats:
+        started = time.perf_counter()
+        workdir = Path(tempfile.mkdtemp(prefix="etl-run-", dir=self.settings.tmp_dir))
+        self._stop = StopFile(workdir / "STOP")
+        try:
+            return await self._run(workdir, started, finalize)
+        except asyncio.CancelledError:
+            self._stop.path.touch()
+            raise
+        finally:
+            await asyncio.to_thread(shutil.rmtree, workdir, True)
+
+    async def _run(self, workdir: Path, started: float, finalize: Finalize) -> RunStats:
+        assert self._stop is not None
+        self.progress.phase = "reading"
+        plan = await asyncio.to_thread(plan_inputs, self.source)
+        self.progress.bytes_total = plan.total_bytes
+        partitions = self.settings.partitions or max(
+            1, math.ceil(plan.experiments.size / PARTITION_BYTES)
+        )
+        mark = time.perf_counter()
+        compounds, users = await self._scan_small_files(plan, workdir, partitions)
+        if self.options.on_error == "abort" or self.fatal:
+            # Bad users or compounds would only echo as unknown references below.
+            self._check_errors()
+        experiments = await self._scan_experiments(plan, workdir, partitions, compounds, users)
+        self.phases["read"] = time.perf_counter() - mark
+        self._check_errors()
+
+        mark = time.perf_counter()
+        self.progress.phase = "loading"
+        self.progress.partitions_total = partitions
+        async with StagedLoad(self.pool) as load:
+            await self._aggregate_into(load, workdir, partitions, experiments, compounds)
+            loaded = await load.finish()
+            self.phases["aggregate_load"] = time.perf_counter() - mark
+            stats = RunStats(
+                users=users.rows,
+                compounds=len(compounds.by_id),
+                experiments=experiments,
+                global_average=global_average(experiments, users.rows),
+                rows_loaded=loaded,
+                rows_rejected=self.errors.total,
+                duration_s=0.0,
+                phases_s=self.phases,
+            )
+            self.progress.phase = "committing"
+            mark = time.perf_counter()
+
+            async def final(conn: Connection) -> None:
+                stats.duration_s = round(time.perf_counter() - started, 3)
+                self.phases["commit"] = round(time.perf_counter() - mark, 3)
+                await finalize(conn, stats)
+
+            await load.commit(final, self.settings.lock_timeout)
+        self.progress.phase = "done"
+        return stats
+
+    async def _scan_small_files(
+        self, plan: InputPlan, workdir: Path, partitions: int
+    ) -> tuple[Compounds, ScanResult]:
+        compounds_task = self._call(_compounds_task, plan, self.settings.chunk_bytes)
+        users_task = self._call(
+            _guarded(scan_users), plan.users, workdir, partitions, self.settings.chunk_bytes
+        )
+        (compounds, compound_scan), users = await asyncio.gather(compounds_task, users_task)
+        for kind, scan, size in (
+            ("compounds", compound_scan, plan.compounds.size),
+            ("users", users, plan.users.size),
+        ):
+            self.errors.extend(scan.errors, scan.error_total)
+            self.fatal = self.fatal or scan.fatal
+            self.progress.rows_read[kind] = scan.rows
+            self.progress.bytes_read += size
+        return compounds, users
+
+    async def _scan_experiments(
+        self,
+        plan: InputPlan,
+        workdir: Path,
+        partitions: int,
+        compounds: Compounds,
+        users: ScanResult,
+    ) -> int:
+        """Scan experiment byte ranges in parallel; the number of valid experiments."""
+        assert self._stop is not None
+        context = ExperimentContext(users.ids, compounds.by_text)
+        exp = plan.experiments
+        parts = max(self.settings.workers, math.ceil(exp.size / RANGE_BYTES))
+        ranges = split_ranges(exp, parts)
+
+        async def scan(index: int, byte_range: tuple[int, int]) -> ScanResult:
+            result = await self._call(
+                _guarded(scan_experiments),
+                exp,
+                context,
+                workdir,
+                partitions,
+                f"exp{index:04d}",
+                byte_range if len(ranges) > 1 else None,
+                self.settings.chunk_bytes,
+                self._stop,
+            )
+            self.progress.bytes_read += byte_range[1] - byte_range[0]
+            self.progress.rows_read["experiments"] += result.rows
+            return result
+
+        results = await asyncio.gather(*(scan(i, r) for i, r in enumerate(ranges)))
+        self.exp_prefixes = [f"exp{i:04d}" for i in range(len(ranges))]
+        if await asyncio.to_thread(_ids_repeat_across, results):
+            # An experiment id repeats across ranges: rescan in one pass, which reports
+            # the later occurrence at its line like a sequential reader would.
+            await asyncio.to_thread(_remove, workdir, self.exp_prefixes)
+            self.exp_prefixes = ["exp"]
+            results = [
+                await self._call(
+                    _guarded(scan_experiments),
+                    exp,
+                    context,
+                    workdir,
+                    partitions,
+                    "exp",
+                    None,
+                    self.settings.chunk_bytes,
+                    self._stop,
+                )
+            ]
+        shift = exp.header_line
+        for result in results:
+            self.fatal = self.fatal or result.fatal
+            self.errors.extend(result.errors, result.error_total, shift if len(results) > 1 else 0)
+            shift += result.lines
+        return sum(r.rows for r in results)
+
+    def _check_errors(self) -> None:
+        if not self.errors:
+            return
+        too_many = self.errors.total > self.options.max_errors
+        if self.fatal or self.options.on_error == "abort" or too_many:
+            raise InputError(self.errors.errors, self.errors.total)
+
+    async def _aggregate_into(
+        self,
+        load: StagedLoad,
+        workdir: Path,
+        partitions: int,
+        experiments: int,
+        compounds: Compounds,
+    ) -> None:
+        pending = [
+            self._call(
+                aggregate_partition,
+                [workdir / f"users-{p:04d}.pkl"],
+                [workdir / f"{prefix}-{p:04d}.pkl" for prefix in self.exp_prefixes],
+                experiments,
+                compounds.by_id,
+            )
+            for p in range(partitions)
+        ]
+        window = max(2, self.settings.workers + 1)
+        running = [asyncio.ensure_future(c) for c in pending[:window]]
+        queue = pending[window:]
+        try:
+            while running:
+                rows: FeatureRows = await running.pop(0)
+                if queue:
+                    running.append(asyncio.ensure_future(queue.pop(0)))
+                await load.put("experiment_counts", rows.counts)
+                await load.put("experiment_averages", rows.averages)
+                await load.put("top_compounds", rows.tops)
+                self.progress.partitions_done += 1
+        finally:
+            for task in running:
+                task.cancel()
+            for coro in queue:
+                coro.close()
+
+
+def _ids_repeat_across(results: list[ScanResult]) -> bool:
+    seen = results[0].ids
+    repeated = False
+    for result in results[1:]:
+        repeated = repeated or seen.overlaps(result.ids)
+        seen.update(result.ids)
+    return repeated
+
+
+def _remove(workdir: Path, prefixes: list[str]) -> None:
+    for prefix in prefixes:
+        for stale in workdir.glob(f"{prefix}-*"):
+            stale.unlink()
+
+
+def _compounds_task(plan: InputPlan, block: int) -> tuple[Compounds, ScanResult]:
+    errors = ErrorLog()
+    try:
+        compounds = scan_compounds(plan.compounds, errors, block)
+    except FileError as exc:
+        return Compounds(), ScanResult(errors=[exc.error], error_total=1, fatal=True)
+    return compounds, ScanResult(
+        rows=len(compounds.by_id), errors=errors.errors, error_total=errors.total
+    )
+
+
+def _guarded(fn: Callable[..., ScanResult]) -> Callable[..., ScanResult]:
+    return _Guarded(fn)
+
+
+@dataclass(frozen=True)
+class _Guarded:
+    """Turns a file-level error into a scan result, so every file's errors are reported."""
+
+    fn: Callable[..., ScanResult]
+
+    def __call__(self, *args: Any) -> ScanResult:
+        try:
+            return self.fn(*args)
+        except FileError as exc:
+            return ScanResult(errors=[exc.error], error_total=1, fatal=True)
+
+
+def describe_errors(errors: list[RowError]) -> list[dict[str, object]]:
+    return [e.to_dict() for e in errors]
+
+
+@contextlib.contextmanager
+def executor_for(settings: Settings) -> Any:
+    executor = make_executor(settings.workers)
+    try:
+        yield executor
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,81 @@
+"""Input errors: every problem names the file, line and column it was found at."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+MAX_REPORTED_ERRORS = 100
+
+
+@dataclass(frozen=True, slots=True)
+class RowError:
+    """One problem in the input.
+
+    ``line`` is the 1-based physical line; ``column`` is the 1-based field number (for
+    problems below the field level, the field the offending character falls in).
+    """
+
+    file: str
+    line: int | None
+    column: int | None
+    message: str
+    field: str | None = None
+
+    def __str__(self) -> str:
+        where = self.file
+        if self.line is not None:
+            where += f":{self.line}"
+            if self.column is not None:
+                where += f":{self.column}"
+        name = f" ({self.field})" if self.field else ""
+        return f"{where}{name}: {self.message}"
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    def shifted(self, lines: int) -> RowError:
+        """The same error with its line moved down by ``lines`` (for byte-range tasks)."""
+        if self.line is None or lines == 0:
+            return self
+        return RowError(self.file, self.line + lines, self.column, self.message, self.field)
+
+
+class FileError(Exception):
+    """A problem that makes a whole file unreadable (no header, bad encoding, ...)."""
+
+    def __init__(self, error: RowError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class ErrorLog:
+    """Keeps the first errors and counts all of them."""
+
+    def __init__(self, keep: int = MAX_REPORTED_ERRORS) -> None:
+        self.keep = keep
+        self.errors: list[RowError] = []
+        self.total = 0
+
+    def add(self, error: RowError) -> None:
+        self.total += 1
+        if len(self.errors) < self.keep:
+            self.errors.append(error)
+
+    def extend(self, errors: list[RowError], total: int, shift: int = 0) -> None:
+        for error in errors[: max(0, self.keep - len(self.errors))]:
+            self.errors.append(error.shifted(shift))
+        self.total += total
+
+    def __bool__(self) -> bool:
+        return self.total > 0
+
+
+class InputError(Exception):
+    """The run's input is invalid; nothing was loaded."""
+
+    def __init__(self, errors: list[RowError], total: int | None = None) -> None:
+        self.errors = errors
+        self.total = len(errors) if total is None else total
+        shown = "; ".join(str(e) for e in errors[:3])
+        more = f" (and {self.total - 3} more)" if self.total > 3 else ""
+        super().__init__(f"{self.total} input error(s): {shown}{more}")

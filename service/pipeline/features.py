@@ -1,0 +1,44 @@
+"""The feature rules, in one place: what each result table holds for a user."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+CountRow = tuple[int, str, int]  # user_id, name, experiment_count
+AverageRow = tuple[int, str, float, float | None]  # user_id, name, share, mean run time
+TopRow = tuple[int, int, str, str, int, int]  # user_id, compound_id, name, structure, count, ties
+
+
+@dataclass
+class FeatureRows:
+    """Result rows of one partition, ready for COPY."""
+
+    counts: list[CountRow]
+    averages: list[AverageRow]
+    tops: list[TopRow]
+
+
+def average_experiments(count: int, total: int) -> float:
+    """The seed's "average experiments per user": the user's share of all experiments."""
+    return count / total if total else 0.0
+
+
+def average_run_time(run_times: list[float]) -> float | None:
+    """Mean run time, exactly rounded whatever the order the times arrived in."""
+    return math.fsum(run_times) / len(run_times) if run_times else None
+
+
+def top_compound(counts: Mapping[int, int]) -> tuple[int, int, int] | None:
+    """(compound_id, experiments, tie_count): most experiments, ties to the lowest id."""
+    if not counts:
+        return None
+    best = max(counts.values())
+    winners = [cid for cid, n in counts.items() if n == best]
+    return min(winners), best, len(winners)
+
+
+def global_average(experiments: int, users: int) -> float:
+    """Experiments per user over the whole input (the run summary's figure)."""
+    return experiments / users if users else 0.0
