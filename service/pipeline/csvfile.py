@@ -173,10 +173,10 @@ def _decode(data: bytes, name: str, first_line: int) -> str:
 
 
 def _blocks(
-    path: Path, name: str, start: int, end: int, block: int
+    path: Path, name: str, start: int, end: int, block: int, first_line: int = 1
 ) -> Iterator[tuple[list[str], int]]:
-    """Yield (lines, number of the first line), line 1 being the line at ``start``."""
-    line_no = 1
+    """Yield (lines, number of the first line); ``first_line`` is the line at ``start``."""
+    line_no = first_line
     with path.open("rb") as f:
         f.seek(start)
         pos = start
@@ -304,31 +304,30 @@ def iter_batches(
     begin = plan.data_offset if start is None else start
     stop = plan.size if end is None else end
     first = plan.header_line + 1 if start is None else 1
-    shift = first - 1
     if plan.splittable():
-        for lines, line_no in _blocks(plan.path, plan.name, begin, stop, block):
+        for lines, line_no in _blocks(plan.path, plan.name, begin, stop, block, first):
             try:
                 rows = list(csv.reader(lines))
             except csv.Error as exc:
-                raise _csv_failure(plan.name, lines, line_no + shift, exc) from None
-            yield Batch(rows, range(line_no + shift, line_no + shift + len(rows)))
+                raise _csv_failure(plan.name, lines, line_no, exc) from None
+            yield Batch(rows, range(line_no, line_no + len(rows)))
         return
-    yield from _quoted_batches(plan, begin, stop, block, shift)
+    yield from _quoted_batches(plan, begin, stop, block, first)
 
 
 def _quoted_batches(
-    plan: FilePlan, begin: int, stop: int, block: int, shift: int
+    plan: FilePlan, begin: int, stop: int, block: int, first: int
 ) -> Iterator[Batch]:
     def physical() -> Iterator[str]:
-        for lines, _ in _blocks(plan.path, plan.name, begin, stop, block):
+        for lines, _ in _blocks(plan.path, plan.name, begin, stop, block, first):
             for line in lines:
                 yield line + "\n"
 
-    feed = _LenientQuotes(physical(), plan.name, 1 + shift)
+    feed = _LenientQuotes(physical(), plan.name, first)
     reader = csv.reader(feed)
     rows: list[list[str]] = []
     starts: list[int] = []
-    last = shift
+    last = first - 1
     while True:
         try:
             row = next(reader)
