@@ -17,7 +17,8 @@ import shutil
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from multiprocessing import get_context
@@ -135,11 +136,14 @@ class Pipeline:
         self.fatal = False  # a whole file could not be read: no mode can go on
         self.phases: dict[str, float] = {}
         self._stop: StopFile | None = None
+        self._in_flight: set[Future[Any]] = set()
         self.exp_prefixes: list[str] = []
 
     async def _call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, partial(fn, *args, **kwargs))
+        future = self.executor.submit(partial(fn, *args, **kwargs))
+        self._in_flight.add(future)
+        future.add_done_callback(self._in_flight.discard)
+        return await asyncio.wrap_future(future)
 
     async def run(self, finalize: Finalize) -> RunStats:
         started = time.perf_counter()
@@ -147,11 +151,14 @@ class Pipeline:
         self._stop = StopFile(workdir / "STOP")
         try:
             return await self._run(workdir, started, finalize)
-        except asyncio.CancelledError:
+        except BaseException:
+            # Workers still busy see the stop file within a batch; wait for them so
+            # they neither write into a removed directory nor hold the executor.
             self._stop.path.touch()
+            await asyncio.shield(asyncio.to_thread(wait_futures, list(self._in_flight), 30))
             raise
         finally:
-            await asyncio.to_thread(shutil.rmtree, workdir, True)
+            await asyncio.shield(asyncio.to_thread(shutil.rmtree, workdir, True))
 
     async def _run(self, workdir: Path, started: float, finalize: Finalize) -> RunStats:
         assert self._stop is not None
