@@ -78,7 +78,13 @@ def find_file(directory: Path, spec: TableSpec) -> Path:
 
 
 def _scan_bytes(path: Path, start: int, block: int) -> tuple[bool, bool]:
+    """Whether the data holds a quote and whether it has bare-CR line ends.
+
+    A line too long for any reader stops the scan early, reported as quoted: the one
+    sequential reader then fails on it without this scan reading a huge file to the end.
+    """
     quoted = lone_cr = False
+    run = 0  # bytes since the last line end
     with path.open("rb") as f:
         f.seek(start)
         tail = b""
@@ -88,6 +94,10 @@ def _scan_bytes(path: Path, start: int, block: int) -> tuple[bool, bool]:
                 both = tail + chunk
                 lone_cr = both.count(b"\r") != both.count(b"\r\n") + both.endswith(b"\r")
             tail = chunk[-1:]
+            line_end = max(chunk.rfind(b"\n"), chunk.rfind(b"\r"))
+            run = run + len(chunk) if line_end < 0 else len(chunk) - line_end - 1
+            if run > MAX_LINE_CHARS * 4:
+                return True, lone_cr
         lone_cr = lone_cr or tail == b"\r"
     return quoted, lone_cr
 
@@ -121,15 +131,15 @@ def _read_header(path: Path, name: str) -> tuple[list[str], int, int]:
     """The first non-blank line's names, its line number and the offset after it."""
     with path.open("rb") as f:
         raw = f.read(MAX_LINE_CHARS * 4)
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise FileError(RowError(name, 1, 1, "UTF-16 text (byte order mark); save it as UTF-8"))
     pos = len(BOM) if raw.startswith(BOM) else 0
     line_no = 1
     while pos < len(raw):
         match = _LINE.match(raw, pos)
         assert match is not None  # the pattern matches the empty string
         if not match.group(2) and len(raw) == MAX_LINE_CHARS * 4:
-            raise FileError(
-                RowError(name, line_no, 1, f"line longer than {MAX_LINE_CHARS} characters")
-            )
+            raise _too_long(name, line_no, match.group(1).decode("utf-8", "replace"))
         text = _decode(match.group(1), name, line_no)
         if text.strip():
             return _parse_header_line(text, name, line_no), line_no, match.end()
@@ -191,11 +201,8 @@ def _blocks(
                 cut = max(data.rfind(b"\n"), data.rfind(b"\r", 0, len(data) - 1)) + 1
                 if cut == 0:
                     if len(data) > MAX_LINE_CHARS * 4:
-                        raise FileError(
-                            RowError(
-                                name, line_no, 1, f"line longer than {MAX_LINE_CHARS} characters"
-                            )
-                        )
+                        head = data[: MAX_LINE_CHARS * 4].decode("utf-8", "replace")
+                        raise _too_long(name, line_no, head)
                     carry = data
                     continue
                 carry, data = data[cut:], data[:cut]
@@ -209,13 +216,45 @@ def _blocks(
                 lines.pop()
             if max(map(len, lines), default=0) > MAX_LINE_CHARS:
                 long_at = next(i for i, ln in enumerate(lines) if len(ln) > MAX_LINE_CHARS)
-                raise FileError(
-                    RowError(
-                        name, line_no + long_at, 1, f"line longer than {MAX_LINE_CHARS} characters"
-                    )
-                )
+                raise _too_long(name, line_no + long_at, lines[long_at])
             yield lines, line_no
             line_no += len(lines)
+
+
+def _field_lengths(text: str, quoted: bool = False) -> list[int]:
+    """The lengths of a line's fields, quotes honoured; ``quoted``: it starts inside one."""
+    lengths = [0]
+    for k, part in enumerate(text.split('"')):
+        if (k % 2 == 1) != quoted:
+            lengths[-1] += len(part)
+        else:
+            first, *rest = part.split(",")
+            lengths[-1] += len(first)
+            lengths.extend(map(len, rest))
+    return lengths
+
+
+def _too_long(name: str, line: int, text: str) -> FileError:
+    """A line over the limit, at the field holding its first character past the limit."""
+    column = len(_field_lengths(text[:MAX_LINE_CHARS]))
+    return FileError(RowError(name, line, column, f"line longer than {MAX_LINE_CHARS} characters"))
+
+
+def _csv_error(
+    name: str, line: int, text: str, exc: csv.Error, field: int = 1, opened: int | None = None
+) -> FileError:
+    """A ``csv`` failure on ``text``, which starts at ``field`` (inside a quoted field
+    opened on line ``opened``, if given). In practice: a field over the size limit."""
+    if "field limit" not in str(exc):
+        return FileError(RowError(name, line, None, f"CSV error: {exc}"))
+    lengths = _field_lengths(text, opened is not None)
+    over = [i for i, n in enumerate(lengths) if n > FIELD_LIMIT]
+    # Without a field over the limit on this line, it is the one continued from before.
+    at = over[0] if over else 0 if opened is not None else lengths.index(max(lengths))
+    if at == 0 and opened is not None:
+        line = opened
+    message = f"field longer than {FIELD_LIMIT} characters"
+    return FileError(RowError(name, line, field + at, message))
 
 
 class _LenientQuotes:
@@ -233,7 +272,10 @@ class _LenientQuotes:
         self._name = name
         self.line = first_line - 1
         self.state = self.START
-        self.opened_at = 0
+        self.field = 1  # the field the next line starts in
+        self.opened_at = self.opened_field = 0
+        self.text = ""  # the last line fed, and where it started:
+        self.started: tuple[int, int, int] = (self.START, 1, 0)  # state, field, opened_at
 
     def __iter__(self) -> _LenientQuotes:
         return self
@@ -241,6 +283,7 @@ class _LenientQuotes:
     def __next__(self) -> str:
         line = next(self._lines)
         self.line += 1
+        self.text, self.started = line, (self.state, self.field, self.opened_at)
         if self.state == self.START and '"' not in line:
             return line
         return self._rewrite(line)
@@ -249,6 +292,7 @@ class _LenientQuotes:
         out: list[str] = []
         blanks: list[str] = []
         state = self.state
+        opened = -1  # where the last quoted field opened in ``out``
         for ch in line:
             if state == self.START:
                 if ch in " \t":
@@ -257,7 +301,7 @@ class _LenientQuotes:
                 if ch == '"':
                     blanks.clear()
                     state = self.QUOTED
-                    self.opened_at = self.line
+                    self.opened_at, opened = self.line, len(out)
                 else:
                     out.extend(blanks)
                     blanks.clear()
@@ -277,12 +321,26 @@ class _LenientQuotes:
                 state = self.UNQUOTED
             out.append(ch)
         out.extend(blanks)
+        text = "".join(out)
+        if state != self.QUOTED:
+            self.field = 1
+        elif opened >= 0:
+            # A quoted field opened here goes on to the next line: count the fields before it.
+            before = _field_lengths(text[:opened], self.state == self.QUOTED)
+            self.field = self.opened_field = self.field + len(before) - 1
         self.state = state
-        return "".join(out)
+        return text
 
     def check_closed(self) -> None:
         if self.state == self.QUOTED:
-            raise FileError(RowError(self._name, self.opened_at, None, "unterminated quoted field"))
+            raise FileError(
+                RowError(self._name, self.opened_at, self.opened_field, "unterminated quoted field")
+            )
+
+    def csv_error(self, exc: csv.Error) -> FileError:
+        state, field, opened_at = self.started
+        opened = opened_at if state == self.QUOTED else None
+        return _csv_error(self._name, self.line, self.text, exc, field, opened)
 
 
 @dataclass
@@ -334,7 +392,7 @@ def _quoted_batches(
         except StopIteration:
             break
         except csv.Error as exc:
-            raise FileError(RowError(plan.name, feed.line, None, f"CSV error: {exc}")) from None
+            raise feed.csv_error(exc) from None
         starts.append(last + 1)
         last = feed.line
         rows.append(row)
@@ -351,7 +409,7 @@ def _csv_failure(name: str, lines: list[str], first_line: int, exc: csv.Error) -
         try:
             list(csv.reader([line]))
         except csv.Error as inner:
-            return FileError(RowError(name, first_line + i, None, f"CSV error: {inner}"))
+            return _csv_error(name, first_line + i, line, inner)
     return FileError(RowError(name, first_line, None, f"CSV error: {exc}"))
 
 
@@ -379,8 +437,13 @@ def split_ranges(plan: FilePlan, parts: int) -> list[tuple[int, int]]:
     return list(pairwise(cuts))
 
 
-def count_fields_error(name: str, line: int, got: int, want: int) -> RowError:
-    return RowError(name, line, min(got, want) + 1, f"expected {want} fields, found {got}")
+def count_fields_error(
+    name: str, line: int, got: int, want: int, last: str | None = None
+) -> RowError:
+    """Too few or too many fields; ``last``, the row's last field, hints at a trailing comma."""
+    trailing = got == want + 1 and last is not None and not last.strip()
+    hint = " (a trailing delimiter?)" if trailing else ""
+    return RowError(name, line, min(got, want) + 1, f"expected {want} fields, found {got}{hint}")
 
 
 def file_size(path: Path) -> int:

@@ -71,7 +71,7 @@ def _stripped(
         if not row or (len(row) == 1 and not row[0].strip()):
             continue
         if len(row) != width:
-            log.add(count_fields_error(name, batch.lines[i], len(row), width))
+            log.add(count_fields_error(name, batch.lines[i], len(row), width, row[-1]))
             continue
         kept.append(list(map(str.strip, row)))
         where.append(i)
