@@ -12,28 +12,33 @@ from typing import Any, TypeVar
 from urllib.parse import quote
 
 import click
+from aiohttp import web
 
 from .db import sql
 from .db.database import Pool, open_pool
 from .etl import RunOptions, executor_for
 from .generate import generate
 from .jobs import Runner, directory_request
+from .logs import AccessLogger, use_json_logs
 from .settings import Settings
+from .web.app import SHUTDOWN_TIMEOUT, create_app
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def database_options(*user_flags: str) -> Callable[[F], F]:
+def database_options(
+    *user_flags: str, host: str = "--host", port: str = "--port"
+) -> Callable[[F], F]:
     """--database-url, or the seed's separate flags; neither means the embedded server."""
-    return lambda fn: _with_database_options(fn, user_flags or ("--user", "--db-user"))
+    return lambda fn: _with_database_options(fn, user_flags or ("--user", "--db-user"), host, port)
 
 
-def _with_database_options(fn: F, user_flags: tuple[str, ...]) -> F:
+def _with_database_options(fn: F, user_flags: tuple[str, ...], host: str, port: str) -> F:
     for option in reversed(
         [
             click.option("--database-url", envvar="DATABASE_URL", help="PostgreSQL URL."),
-            click.option("--host", "db_host", help="Database host (instead of a URL)."),
-            click.option("--port", "db_port", type=int, help="Database port."),
+            click.option(host, "db_host", help="Database host (instead of a URL)."),
+            click.option(port, "db_port", type=int, help="Database port."),
             click.option(*user_flags, "db_user", help="Database user."),
             click.option("--password", "db_password", help="Database password."),
             click.option("--dbname", "db_name", help="Database name."),
@@ -227,3 +232,22 @@ def generate_command(
     paths = generate(out_dir, users, experiments, compounds, seed)
     size = sum(p.stat().st_size for p in paths.values())
     click.echo(f"wrote {out_dir} ({size / 1e6:.1f} MB) in {time.perf_counter() - started:.1f} s")
+
+
+@main.command()
+@click.option("--host", "bind_host", help="Address to listen on (default 127.0.0.1).")
+@click.option("--port", "bind_port", type=int, help="Port to listen on (default 8080).")
+@database_options("--db-user", host="--db-host", port="--db-port")
+@click.option("--workers", type=int, help="Worker processes (default: CPU count).")
+def serve(bind_host: str | None, bind_port: int | None, **flags: Any) -> None:
+    """Serve the HTTP API (described at /openapi.json) until SIGTERM or Ctrl-C."""
+    use_json_logs()
+    settings = build_settings(host=bind_host, port=bind_port, **flags)
+    web.run_app(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        shutdown_timeout=SHUTDOWN_TIMEOUT,
+        access_log_class=AccessLogger,
+        print=None,
+    )

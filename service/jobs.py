@@ -99,7 +99,7 @@ class Runner:
         self.pipeline: Pipeline | None = None
         self.run_id: int | None = None
         self.task: asyncio.Task[dict[str, Any]] | None = None
-        self.on_finish: Callable[[str, RunStats | None, float], None] | None = None
+        self.on_finish: Callable[[str, Pipeline, RunStats | None, float], None] | None = None
 
     async def submit(self, request: RunRequest) -> dict[str, Any]:
         """Record a queued run and start it in the background; the run as JSON."""
@@ -192,9 +192,10 @@ class Runner:
             await asyncio.shield(self._unlock(lock_conn, run_id))
             if request.cleanup is not None:
                 await asyncio.to_thread(request.cleanup)
-            self.pipeline = None
             if self.on_finish is not None:
-                self.on_finish(status, stats, time.monotonic() - started)
+                self.on_finish(status, pipeline, stats, time.monotonic() - started)
+            if self.pipeline is pipeline:  # the next run may have started meanwhile
+                self.pipeline = None
             log.info(
                 "run finished",
                 extra={"run_id": run_id, "event": "finish", "status": status, "detail": message},

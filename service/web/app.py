@@ -1,0 +1,79 @@
+"""The aiohttp application: ``create_app(settings)`` and the resources it owns.
+
+Each resource is one ``cleanup_ctx`` entry, set up in order and torn down in reverse:
+the database pool, the executor the pipeline's CPU work runs in, and the runner (whose
+teardown cancels the active run, which rolls back and is recorded ``cancelled``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from ..db import sql
+from ..db.database import open_pool
+from ..etl import make_executor
+from ..jobs import Runner
+from ..settings import Settings
+from .auth import bearer_auth
+from .errors import problem_middleware
+from .handlers import routes
+from .keys import EXECUTOR, METRICS, POOL, RUNNER, SETTINGS
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+# Seconds in-flight requests get at shutdown; cancelling the active run follows, and
+# the whole stop has to fit in the 10 s orchestrators usually allow.
+SHUTDOWN_TIMEOUT = 3.0
+
+
+def create_app(settings: Settings) -> web.Application:
+    middlewares: list[Middleware] = [problem_middleware]
+    if settings.api_token:
+        middlewares.append(bearer_auth(settings.api_token))
+    app = web.Application(middlewares=middlewares)
+    app[SETTINGS] = settings
+    app[METRICS] = Metrics()
+    app.cleanup_ctx.extend((database, executor, runner))
+    app.on_startup.append(announce)
+    app.add_routes(routes)
+    return app
+
+
+async def database(app: web.Application) -> AsyncIterator[None]:
+    async with open_pool(app[SETTINGS]) as pool:
+        app[POOL] = pool
+        yield
+
+
+async def executor(app: web.Application) -> AsyncIterator[None]:
+    app[EXECUTOR] = make_executor(app[SETTINGS].workers)
+    yield
+    await asyncio.to_thread(app[EXECUTOR].shutdown, wait=True, cancel_futures=True)
+
+
+async def runner(app: web.Application) -> AsyncIterator[None]:
+    job_runner = Runner(app[POOL], app[EXECUTOR], app[SETTINGS])
+    app[METRICS].watch(job_runner)
+    await job_runner.recover()
+    last = await app[POOL].fetchrow(sql.LAST_SUCCESS)
+    if last is not None:
+        app[METRICS].last_success.set(last["finished_at"].timestamp())
+    app[RUNNER] = job_runner
+    yield
+    await job_runner.close()
+
+
+async def announce(app: web.Application) -> None:
+    settings = app[SETTINGS]
+    log.info("serving", extra={"event": "start", "host": settings.host, "port": settings.port})
+    if not settings.api_token:
+        log.warning(
+            "the API is unauthenticated: set ETL_API_TOKEN before exposing it",
+            extra={"event": "start", "host": settings.host},
+        )

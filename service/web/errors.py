@@ -1,0 +1,131 @@
+"""Every error leaves the API as RFC 9457 ``application/problem+json``, from one middleware.
+
+Handlers raise domain exceptions (from ``jobs``) or :class:`Problem`; the router raises
+aiohttp's HTTP exceptions (404, 405); this middleware renders all of them alike.
+"""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+from typing import Any
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from ..jobs import IdempotencyMismatch, RunConflict, RunNotActive, RunNotFound
+from .keys import RUN_ID
+
+log = logging.getLogger(__name__)
+
+PROBLEM_JSON = "application/problem+json"
+TYPE_PREFIX = "urn:experiment-etl:problem:"
+# Headers of an HTTP exception that still mean something on the problem response.
+KEPT_HEADERS = ("Allow", "WWW-Authenticate", "Retry-After")
+
+
+class Problem(Exception):
+    """An error answer: HTTP status, a human-readable detail and extra members."""
+
+    def __init__(
+        self,
+        status: int,
+        detail: str,
+        *,
+        title: str | None = None,
+        kind: str | None = None,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.title = title or HTTPStatus(status).phrase
+        self.type = TYPE_PREFIX + kind if kind else "about:blank"
+        self.headers = headers or {}
+        self.extra = extra
+
+    def response(self, request: web.Request) -> web.Response:
+        body = {
+            "type": self.type,
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+            "instance": request.path,
+            **self.extra,
+        }
+        response = web.json_response(
+            body, status=self.status, headers=self.headers, content_type=PROBLEM_JSON
+        )
+        if self.status == HTTPStatus.REQUEST_TIMEOUT:
+            response.force_close()  # a client this slow is not worth waiting for
+        run_id = self.extra.get("active_run_id", self.extra.get("run_id"))
+        if isinstance(run_id, int):
+            response[RUN_ID] = run_id
+        return response
+
+
+def from_domain(exc: Exception) -> Problem | None:
+    match exc:
+        case RunConflict():
+            return Problem(
+                409,
+                str(exc),
+                title="A run is already active",
+                kind="run-conflict",
+                active_run_id=exc.active_id,
+            )
+        case RunNotActive():
+            return Problem(
+                409,
+                str(exc),
+                title="The run is not active",
+                kind="run-not-active",
+                run_status=exc.status,
+            )
+        case RunNotFound():
+            return Problem(
+                404, str(exc), title="Run not found", kind="run-not-found", run_id=exc.run_id
+            )
+        case IdempotencyMismatch():
+            return Problem(
+                422,
+                str(exc),
+                title="Idempotency-Key reused for another request",
+                kind="idempotency-mismatch",
+            )
+    return None
+
+
+def from_http(request: web.Request, exc: web.HTTPException) -> Problem:
+    default_text = f"{exc.status}: {exc.reason}"
+    detail = exc.text if exc.text and exc.text != default_text else None
+    if detail is None:
+        if exc.status == HTTPStatus.NOT_FOUND:
+            detail = f"nothing at {request.path}"
+        elif exc.status == HTTPStatus.METHOD_NOT_ALLOWED:
+            allowed = exc.headers.get("Allow", "")
+            detail = f"{request.method} is not allowed on {request.path}; allowed: {allowed}"
+        else:
+            detail = exc.reason
+    headers = {name: exc.headers[name] for name in KEPT_HEADERS if name in exc.headers}
+    return Problem(exc.status, detail, title=exc.reason, headers=headers)
+
+
+@web.middleware
+async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except Problem as exc:
+        problem = exc
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        problem = from_http(request, exc)
+    except Exception as exc:
+        found = from_domain(exc)
+        if found is None:
+            log.exception("unhandled error", extra={"path": request.path})
+            found = Problem(500, "an unexpected error occurred; see the server log")
+        problem = found
+    return problem.response(request)

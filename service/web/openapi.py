@@ -1,0 +1,386 @@
+"""The OpenAPI 3.1 description of the API, served at ``/openapi.json``.
+
+Kept by hand next to the handlers; tests check that every route is documented (and
+nothing else), that every status the tests see is listed, and that bodies match the
+schemas.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _problem(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/problem+json": {"schema": _ref("Problem")}},
+    }
+
+
+def _nullable(type_: str) -> dict[str, Any]:
+    return {"type": [type_, "null"]}
+
+
+BEARER: list[dict[str, list[str]]] = [{"bearer": []}]
+UNAUTHORIZED = _problem("Missing or wrong bearer token (only when a token is configured).")
+BAD_ID = _problem("The id is not a 64-bit integer.")
+RUN_ID_PARAM = {
+    "name": "run_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "integer", "format": "int64"},
+}
+RUN_OPTIONS: dict[str, Any] = {
+    "on_error": {
+        "type": "string",
+        "enum": ["abort", "skip"],
+        "default": "abort",
+        "description": "abort: any bad row fails the run; skip: bad rows are left out.",
+    },
+    "max_errors": {
+        "type": "integer",
+        "minimum": 0,
+        "default": 1000,
+        "description": "skip mode: fail when more rows than this are bad.",
+    },
+}
+
+SCHEMAS: dict[str, Any] = {
+    "Problem": {
+        "type": "object",
+        "description": "RFC 9457 problem details.",
+        "required": ["type", "title", "status", "detail", "instance"],
+        "properties": {
+            "type": {"type": "string", "format": "uri-reference"},
+            "title": {"type": "string"},
+            "status": {"type": "integer"},
+            "detail": {"type": "string"},
+            "instance": {"type": "string", "format": "uri-reference"},
+            "active_run_id": {
+                "type": "integer",
+                "description": "409 on POST /runs: the run that is queued or running.",
+            },
+            "run_status": {"type": "string", "description": "409 on cancel: the run's status."},
+            "run_id": {"type": "integer"},
+        },
+    },
+    "RunOptions": {"type": "object", "properties": RUN_OPTIONS, "additionalProperties": False},
+    "RunRequest": {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "dataset": {
+                "type": "string",
+                "default": "",
+                "description": "Sub-directory of the data directory; empty for the data "
+                "directory itself. Paths leading outside it are rejected.",
+            },
+            **RUN_OPTIONS,
+        },
+    },
+    "Upload": {
+        "type": "object",
+        "required": ["users", "experiments", "compounds"],
+        "properties": {
+            "users": {"type": "string", "contentMediaType": "text/csv"},
+            "experiments": {"type": "string", "contentMediaType": "text/csv"},
+            "compounds": {"type": "string", "contentMediaType": "text/csv"},
+            **RUN_OPTIONS,
+        },
+    },
+    "RowError": {
+        "type": "object",
+        "required": ["file", "line", "column", "message"],
+        "properties": {
+            "file": {"type": "string"},
+            "line": _nullable("integer"),
+            "column": _nullable("integer"),
+            "message": {"type": "string"},
+            "field": _nullable("string"),
+        },
+    },
+    "Progress": {
+        "type": "object",
+        "description": "Empty until the run starts; live while it runs.",
+        "properties": {
+            "phase": {"type": "string"},
+            "bytes_total": {"type": "integer"},
+            "bytes_read": {"type": "integer"},
+            "rows_read": {"type": "object", "additionalProperties": {"type": "integer"}},
+            "partitions_done": {"type": "integer"},
+            "partitions_total": {"type": "integer"},
+        },
+    },
+    "RunStats": {
+        "type": "object",
+        "required": ["users", "compounds", "experiments", "rows_loaded", "duration_s"],
+        "properties": {
+            "users": {"type": "integer"},
+            "compounds": {"type": "integer"},
+            "experiments": {"type": "integer"},
+            "global_average": {"type": "number"},
+            "rows_loaded": {"type": "object", "additionalProperties": {"type": "integer"}},
+            "rows_rejected": {"type": "integer"},
+            "duration_s": {"type": "number"},
+            "phases_s": {"type": "object", "additionalProperties": {"type": "number"}},
+        },
+    },
+    "Run": {
+        "type": "object",
+        "required": [
+            "id",
+            "status",
+            "created_at",
+            "started_at",
+            "finished_at",
+            "source",
+            "options",
+            "progress",
+            "stats",
+            "errors",
+            "error_total",
+            "message",
+        ],
+        "properties": {
+            "id": {"type": "integer"},
+            "status": {
+                "type": "string",
+                "enum": ["queued", "running", "succeeded", "failed", "cancelled"],
+            },
+            "created_at": {"type": "string", "format": "date-time"},
+            "started_at": {"type": ["string", "null"], "format": "date-time"},
+            "finished_at": {"type": ["string", "null"], "format": "date-time"},
+            "source": {
+                "type": "object",
+                "description": "kind dataset (with name) or upload (with files' bytes and "
+                "sha256); kind directory for runs started by the CLI.",
+                "required": ["kind"],
+                "properties": {"kind": {"enum": ["dataset", "upload", "directory"]}},
+            },
+            "options": _ref("RunOptions"),
+            "progress": _ref("Progress"),
+            "stats": {"oneOf": [_ref("RunStats"), {"type": "null"}]},
+            "errors": {"type": "array", "items": _ref("RowError")},
+            "error_total": {"type": "integer"},
+            "message": _nullable("string"),
+        },
+    },
+    "RunList": {
+        "type": "object",
+        "required": ["runs"],
+        "properties": {"runs": {"type": "array", "items": _ref("Run")}},
+    },
+    "TopCompound": {
+        "type": "object",
+        "required": ["id", "name", "structure", "experiments", "tie_count"],
+        "properties": {
+            "id": {"type": "integer"},
+            "name": {"type": "string"},
+            "structure": {"type": "string"},
+            "experiments": {"type": "integer", "description": "experiments that used it"},
+            "tie_count": {
+                "type": "integer",
+                "description": "compounds sharing the top count (ties go to the lowest id)",
+            },
+        },
+    },
+    "Features": {
+        "type": "object",
+        "required": [
+            "user_id",
+            "name",
+            "experiment_count",
+            "average_experiments",
+            "average_run_time",
+            "top_compound",
+        ],
+        "properties": {
+            "user_id": {"type": "integer"},
+            "name": {"type": "string"},
+            "experiment_count": {"type": "integer"},
+            "average_experiments": {"type": "number"},
+            "average_run_time": _nullable("number"),
+            "top_compound": {"oneOf": [_ref("TopCompound"), {"type": "null"}]},
+        },
+    },
+    "Status": {
+        "type": "object",
+        "required": ["status"],
+        "properties": {"status": {"type": "string"}},
+    },
+}
+
+PATHS: dict[str, Any] = {
+    "/runs": {
+        "post": {
+            "summary": "Start a run on a dataset or on uploaded files",
+            "description": "Answers at once; poll the Location. One run at a time per "
+            "database. An empty body runs the data directory. Options may also come as "
+            "query parameters.",
+            "security": BEARER,
+            "parameters": [
+                {
+                    "name": "Idempotency-Key",
+                    "in": "header",
+                    "schema": {"type": "string", "maxLength": 255},
+                    "description": "Same key and request: the same run, no second one.",
+                },
+                {"name": "dataset", "in": "query", "schema": {"type": "string"}},
+                {"name": "on_error", "in": "query", "schema": RUN_OPTIONS["on_error"]},
+                {"name": "max_errors", "in": "query", "schema": RUN_OPTIONS["max_errors"]},
+            ],
+            "requestBody": {
+                "required": False,
+                "content": {
+                    "application/json": {"schema": _ref("RunRequest")},
+                    "multipart/form-data": {"schema": _ref("Upload")},
+                },
+            },
+            "responses": {
+                "202": {
+                    **_json(_ref("Run"), "Run accepted (or the run of the same Idempotency-Key)."),
+                    "headers": {"Location": {"schema": {"type": "string"}}},
+                },
+                "400": _problem("Malformed body, bad dataset path, or bad Idempotency-Key."),
+                "401": UNAUTHORIZED,
+                "404": _problem("No such dataset."),
+                "408": _problem("The body did not arrive in time."),
+                "409": _problem("A run is already queued or running (see active_run_id)."),
+                "413": _problem("Upload larger than the limit."),
+                "415": _problem("Unsupported Content-Type or Content-Encoding."),
+                "422": _problem("Invalid options, or Idempotency-Key reused for another request."),
+            },
+        },
+        "get": {
+            "summary": "Runs, newest first",
+            "security": BEARER,
+            "parameters": [
+                {
+                    "name": "status",
+                    "in": "query",
+                    "schema": SCHEMAS["Run"]["properties"]["status"],
+                },
+                {
+                    "name": "limit",
+                    "in": "query",
+                    "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 50},
+                },
+            ],
+            "responses": {
+                "200": _json(_ref("RunList"), "Runs."),
+                "400": _problem("Bad status or limit."),
+                "401": UNAUTHORIZED,
+            },
+        },
+    },
+    "/runs/{run_id}": {
+        "get": {
+            "summary": "A run, with live progress while this server runs it",
+            "security": BEARER,
+            "parameters": [RUN_ID_PARAM],
+            "responses": {
+                "200": _json(_ref("Run"), "The run."),
+                "400": BAD_ID,
+                "401": UNAUTHORIZED,
+                "404": _problem("No such run."),
+            },
+        }
+    },
+    "/runs/{run_id}/cancel": {
+        "post": {
+            "summary": "Cancel the active run: nothing it did is kept",
+            "security": BEARER,
+            "parameters": [RUN_ID_PARAM],
+            "responses": {
+                "200": _json(_ref("Run"), "The run, now cancelled."),
+                "400": BAD_ID,
+                "401": UNAUTHORIZED,
+                "404": _problem("No such run."),
+                "409": _problem("The run is not active here (see run_status)."),
+            },
+        }
+    },
+    "/users/{user_id}/features": {
+        "get": {
+            "summary": "One user's features from the last successful run",
+            "security": BEARER,
+            "parameters": [
+                {
+                    "name": "user_id",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "integer", "format": "int64"},
+                }
+            ],
+            "responses": {
+                "200": _json(_ref("Features"), "The user's features."),
+                "400": BAD_ID,
+                "401": UNAUTHORIZED,
+                "404": _problem("No such user in the results."),
+            },
+        }
+    },
+    "/healthz": {
+        "get": {
+            "summary": "Liveness: the process answers (no database call)",
+            "security": [],
+            "responses": {"200": _json(_ref("Status"), "Alive.")},
+        }
+    },
+    "/readyz": {
+        "get": {
+            "summary": "Readiness: the database answers and has the schema, within 1 s",
+            "security": [],
+            "responses": {
+                "200": _json(_ref("Status"), "Ready."),
+                "503": _problem("Database unreachable or schema missing."),
+            },
+        }
+    },
+    "/metrics": {
+        "get": {
+            "summary": "Prometheus metrics",
+            "security": [],
+            "responses": {
+                "200": {
+                    "description": "Prometheus text format.",
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                }
+            },
+        }
+    },
+    "/openapi.json": {
+        "get": {
+            "summary": "This document",
+            "security": BEARER,
+            "responses": {
+                "200": _json({"type": "object"}, "OpenAPI 3.1 document."),
+                "401": UNAUTHORIZED,
+            },
+        }
+    },
+}
+
+DOCUMENT: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {
+        "title": "experiment-etl",
+        "version": "0.1.0",
+        "description": "Runs the lab CSV ETL and serves per-user features. Errors are RFC "
+        "9457 problem+json; a method a path does not support answers 405, an unknown path "
+        "404, an unexpected failure 500. Bearer auth applies only when ETL_API_TOKEN is set.",
+    },
+    "paths": PATHS,
+    "components": {
+        "schemas": SCHEMAS,
+        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+    },
+}
