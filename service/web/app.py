@@ -66,6 +66,7 @@ async def runner(app: web.Application) -> AsyncIterator[None]:
         app[METRICS].last_success.set(last["finished_at"].timestamp())
     app[RUNNER] = job_runner
     yield
+    log.info("stopping: the active run, if any, is cancelled", extra={"event": "stop"})
     await job_runner.close()
 
 

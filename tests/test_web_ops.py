@@ -1,0 +1,262 @@
+"""Operating the server: readiness, graceful shutdown, crash recovery, JSON logs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
+from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import aiohttp
+import asyncpg
+import pytest
+from test_web_support import Serve, problem, wait_for
+
+from service.logs import JsonFormatter
+from service.settings import Settings
+
+pytest_plugins = ["test_web_support"]
+
+ROOT = Path(__file__).resolve().parent.parent
+Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+class Proxy:
+    """A TCP forwarder to the test database that a test can cut and restore."""
+
+    def __init__(self, database_url: str) -> None:
+        self.target = urlsplit(database_url)
+        query = dict(parse_qsl(self.target.query))
+        socket_dir = query.pop("host", "")
+        port = self.target.port or 5432
+        self.connect: Callable[[], Awaitable[Streams]]
+        if socket_dir.startswith("/"):  # the embedded server listens on a Unix socket
+            self.connect = partial(asyncio.open_unix_connection, f"{socket_dir}/.s.PGSQL.{port}")
+        else:
+            self.connect = partial(asyncio.open_connection, self.target.hostname, port)
+        self.query = urlencode(query)
+        self.port = 0
+        self.server: asyncio.Server | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def url(self) -> str:
+        userinfo = self.target.netloc.rpartition("@")[0]
+        netloc = f"{userinfo}@127.0.0.1:{self.port}" if userinfo else f"127.0.0.1:{self.port}"
+        return urlunsplit((self.target.scheme, netloc, self.target.path, self.query, ""))
+
+    async def open(self) -> None:
+        self.server = await asyncio.start_server(self._forward, "127.0.0.1", self.port)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        """Stop listening and cut every forwarded connection, as a dying server would."""
+        if self.server is None:
+            return
+        self.server.close()
+        for writer in list(self.writers):
+            writer.transport.abort()
+        await self.server.wait_closed()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.server = None
+
+    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.tasks.add(task)  # type: ignore[arg-type]
+        self.writers.add(writer)
+        try:
+            up_reader, up_writer = await self.connect()
+        except OSError:
+            writer.transport.abort()
+            return
+        self.writers.add(up_writer)
+        try:
+            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+        finally:
+            for each in (writer, up_writer):
+                each.transport.abort()
+                self.writers.discard(each)
+            self.tasks.discard(task)  # type: ignore[arg-type]
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except OSError:
+        pass
+    finally:
+        writer.transport.abort()
+
+
+@pytest.fixture
+async def proxy(database_url: str) -> AsyncIterator[Proxy]:
+    forwarder = Proxy(database_url)
+    await forwarder.open()
+    yield forwarder
+    await forwarder.close()
+
+
+async def status_of(client: object, path: str) -> int:
+    async with client.get(path) as response:  # type: ignore[attr-defined]
+        await response.read()
+        return int(response.status)
+
+
+async def test_readiness_follows_the_database_and_liveness_does_not(
+    proxy: Proxy, serve: Serve
+) -> None:
+    client = await serve(database_url=proxy.url)
+    assert await status_of(client, "/readyz") == 200
+
+    await proxy.close()
+    async with client.get("/readyz") as response:
+        await problem(response, 503)
+        assert response.headers["Retry-After"]
+    assert await status_of(client, "/healthz") == 200
+
+    await proxy.open()
+    statuses = []
+    for _ in range(50):
+        statuses.append(await status_of(client, "/readyz"))
+        if statuses[-1] == 200:
+            break
+        await asyncio.sleep(0.1)
+    assert statuses[-1] == 200, statuses
+
+
+async def test_start_up_marks_runs_of_a_dead_process_failed(
+    serve: Serve, settings: Settings
+) -> None:
+    await serve()  # creates the schema
+    conn = await asyncpg.connect(
+        settings.database_url, server_settings={"search_path": settings.db_schema or "public"}
+    )
+    try:
+        orphan = await conn.fetchval(
+            "INSERT INTO etl_runs (status, source) VALUES ('running', $1::jsonb) RETURNING id",
+            json.dumps({"kind": "directory", "path": "/gone"}),
+        )
+    finally:
+        await conn.close()
+    client = await serve()
+    async with client.get(f"/runs/{orphan}") as response:
+        run = await response.json()
+    assert run["status"] == "failed"
+    assert "stopped unexpectedly" in run["message"]
+
+
+def start_server(port: int, env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    with log_path.open("wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "service", "serve", "--port", str(port)],
+            env=env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_sigterm_cancels_the_active_run_and_exits_zero(
+    settings: Settings, big_dataset: Path, tmp_path: Path
+) -> None:
+    port = free_port()
+    env = {
+        **os.environ,
+        "DATABASE_URL": settings.database_url or "",
+        "ETL_DB_SCHEMA": settings.db_schema or "",
+        "ETL_DATA_DIR": str(big_dataset),
+        "ETL_TMP_DIR": str(settings.tmp_dir),
+        "ETL_WORKERS": "2",
+        "ETL_API_TOKEN": "",
+    }
+    log_path = tmp_path / "serve.log"
+    process = start_server(port, env, log_path)
+    try:
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as client:
+            for _ in range(300):
+                try:
+                    if await status_of(client, "/healthz") == 200:
+                        break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.1)
+            async with client.post("/runs") as response:
+                assert response.status == 202
+                run = await response.json()
+            running = await wait_for(client, run["id"], {"running", "succeeded", "failed"})  # type: ignore[arg-type]
+            assert running["status"] == "running", running
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(process.wait, 10)
+        assert time.monotonic() - signalled < 10
+        assert code == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+    conn = await asyncpg.connect(
+        settings.database_url, server_settings={"search_path": settings.db_schema or "public"}
+    )
+    try:
+        row = await conn.fetchrow("SELECT status, message FROM etl_runs WHERE id = $1", run["id"])
+    finally:
+        await conn.close()
+    assert row is not None and row["status"] == "cancelled", row
+
+    lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    finished = [e for e in lines if e.get("event") == "finish" and e.get("run_id") == run["id"]]
+    assert finished and finished[0]["status"] == "cancelled"
+    access = [e for e in lines if e.get("event") == "access" and e["path"] == "/runs"]
+    assert access[0]["method"] == "POST" and access[0]["run_id"] == run["id"]
+    assert {"ts", "level", "logger", "msg", "status", "duration_ms"} <= set(access[0])
+
+
+def test_json_formatter_writes_one_object_per_line_with_extras() -> None:
+    logger = logging.getLogger("service.test")
+    record = logger.makeRecord(
+        "service.test",
+        logging.WARNING,
+        __file__,
+        1,
+        "run %s stopped",
+        (7,),
+        None,
+        extra={"run_id": 7, "event": "finish", "status": "cancelled", "detail": None},
+    )
+    line = JsonFormatter().format(record)
+    assert "\n" not in line
+    entry = json.loads(line)
+    assert entry["msg"] == "run 7 stopped"
+    assert (entry["level"], entry["logger"]) == ("WARNING", "service.test")
+    assert (entry["run_id"], entry["event"], entry["status"]) == (7, "finish", "cancelled")
+    assert entry["ts"].endswith("+00:00")
+
+
+def test_json_formatter_keeps_the_traceback_on_one_line() -> None:
+    try:
+        raise ValueError("boom\nsecond line")
+    except ValueError:
+        record = logging.getLogger("x").makeRecord(
+            "x", logging.ERROR, __file__, 1, "failed", (), sys.exc_info()
+        )
+    entry = json.loads(JsonFormatter().format(record))
+    assert "ValueError: boom" in entry["exc"]
