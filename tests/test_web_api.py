@@ -314,6 +314,9 @@ async def test_concurrent_posts_start_exactly_one_run(
     assert len(conflicts) == 19
     assert {body["active_run_id"] for body in conflicts} == {accepted[0]["id"]}
     assert await count_runs(settings) == 1
+    async with client.post("/runs", data=sample_upload(settings.data_dir)) as response:
+        assert (await problem(response, 409))["active_run_id"] == accepted[0]["id"]
+    assert not list_uploads(settings.tmp_dir)
     async with client.post(f"/runs/{accepted[0]['id']}/cancel") as response:
         assert (await response.json())["status"] == "cancelled"
 
@@ -341,6 +344,10 @@ async def test_cancel_stops_the_run_and_keeps_previous_results(serve: Serve, big
     assert (features["name"], features["top_compound"]["id"]) == ("Alice", 2)
     async with client.get("/metrics") as response:
         assert 'etl_runs_total{status="cancelled"} 1.0' in await response.text()
+
+
+def list_uploads(directory: Path) -> list[Path]:
+    return list(directory.glob("etl-upload-*"))
 
 
 async def until_empty(directory: Path) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -145,8 +146,11 @@ async def test_start_up_marks_runs_of_a_dead_process_failed(
         settings.database_url, server_settings={"search_path": settings.db_schema or "public"}
     )
     try:
+        # Run locks are per database, not per schema: an id no other suite's run will have.
         orphan = await conn.fetchval(
-            "INSERT INTO etl_runs (status, source) VALUES ('running', $1::jsonb) RETURNING id",
+            "INSERT INTO etl_runs (id, status, source) VALUES ($1, 'running', $2::jsonb) "
+            "RETURNING id",
+            random.randint(10**6, 2**31 - 1),
             json.dumps({"kind": "directory", "path": "/gone"}),
         )
     finally:
