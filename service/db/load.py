@@ -77,8 +77,9 @@ class StagedLoad:
                 stream = TableStream(conn, table)
                 stream.task = asyncio.create_task(stream.run(), name=f"copy-{table}")
                 self.streams[table] = stream
-        except BaseException:
-            await self._abort()
+        except BaseException as exc:
+            # __aexit__ is not called when __aenter__ fails: abort and release here.
+            await self.__aexit__(type(exc), exc, exc.__traceback__)
             raise
         return self
 
