@@ -36,7 +36,9 @@ def create_app(settings: Settings) -> web.Application:
     middlewares: list[Middleware] = [problem_middleware]
     if settings.api_token:
         middlewares.append(bearer_auth(settings.api_token))
-    app = web.Application(middlewares=middlewares)
+    # Bodies stay as sent: a Content-Encoding other than identity is refused (415), so a
+    # small compressed body can never inflate past the upload limits.
+    app = web.Application(middlewares=middlewares, handler_args={"auto_decompress": False})
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app.cleanup_ctx.extend((database, executor, runner))
