@@ -200,6 +200,7 @@ class Pipeline:
             async def final(conn: Connection) -> None:
                 stats.duration_s = round(time.perf_counter() - started, 3)
                 self.phases["commit"] = round(time.perf_counter() - mark, 3)
+                self.progress.phase = "done"
                 await finalize(conn, stats)
 
             await load.commit(final, self.settings.lock_timeout)

@@ -63,8 +63,10 @@ SCHEMA_LOCK = "SELECT pg_advisory_xact_lock(727274)"
 
 # Held (session level) by the process executing a run; recovery uses it to tell a live
 # run from one whose process died.
-RUN_LOCK = "SELECT pg_try_advisory_lock(727275, $1::int)"
-RUN_UNLOCK = "SELECT pg_advisory_unlock(727275, $1::int)"
+# Keyed by schema and run id, so schemas of one database (tests, tenants) never collide.
+_RUN_KEY = "hashtextextended(current_schema() || '/etl_runs/' || $1::bigint, 727275)"
+RUN_LOCK = f"SELECT pg_try_advisory_lock({_RUN_KEY})"
+RUN_UNLOCK = f"SELECT pg_advisory_unlock({_RUN_KEY})"
 
 SCHEMA_READY = """
 SELECT count(*) = 4 FROM pg_catalog.pg_tables
