@@ -9,6 +9,8 @@ transaction, so a reader sees the complete old results or the complete new ones.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
@@ -17,8 +19,15 @@ import asyncpg
 from . import sql
 from .database import Connection, Pool
 
+log = logging.getLogger(__name__)
+
 _DONE = object()
 SWAP_ATTEMPTS = 5
+CLEANUP_TIMEOUT = 10.0  # seconds to get a connection and locks for dropping staging tables
+
+
+class SwapBlocked(Exception):
+    """Readers held the result tables through every swap attempt; nothing was changed."""
 
 
 class TableStream:
@@ -113,9 +122,13 @@ class StagedLoad:
                         await conn.execute(sql.swap(table))
                     await finalize(conn)
                 return
-            except asyncpg.LockNotAvailableError:
+            except asyncpg.LockNotAvailableError as exc:
                 if attempt == SWAP_ATTEMPTS:
-                    raise
+                    raise SwapBlocked(
+                        f"could not swap in the new results: other sessions held locks on the"
+                        f" result tables through {SWAP_ATTEMPTS} attempts of {lock_timeout:g} s"
+                        f" each; the previous results are unchanged"
+                    ) from exc
                 await asyncio.sleep(0.1 * attempt)
 
     async def _abort(self) -> None:
@@ -125,11 +138,30 @@ class StagedLoad:
         for stream in self.streams.values():
             if stream.task is not None:
                 await asyncio.gather(stream.task, return_exceptions=True)
+        orphaned: list[str] = []
         for conn, table in zip(self._conns, sql.RESULT_TABLES, strict=False):
             try:
                 await conn.execute(sql.drop_staging(table))
             except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError):
-                conn.terminate()
+                _terminate(conn)
+                orphaned.append(table)
+        if orphaned:
+            await self._drop_over_new_connection(orphaned)
+
+    async def _drop_over_new_connection(self, tables: list[str]) -> None:
+        """Drop staging tables whose own connection died (e.g. killed mid-COPY).
+
+        The dead backend's locks go once the server notices; the waits are bounded so a
+        database that is gone cannot hang the abort (the next run drops leftovers anyway).
+        """
+        timeout_ms = int(CLEANUP_TIMEOUT * 1000)
+        try:
+            async with self.pool.acquire(timeout=CLEANUP_TIMEOUT) as conn, conn.transaction():
+                await conn.execute(f"SET LOCAL lock_timeout = '{timeout_ms}ms'")
+                for table in tables:
+                    await conn.execute(sql.drop_staging(table))
+        except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError) as exc:
+            log.warning("staging tables %s left behind: %s", ", ".join(tables), exc)
 
     async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
         try:
@@ -138,3 +170,9 @@ class StagedLoad:
         finally:
             for conn in self._conns:
                 await self.pool.release(conn)
+
+
+def _terminate(conn: Connection) -> None:
+    """Close a failed connection; one that died is already back in the pool: leave it."""
+    with contextlib.suppress(asyncpg.InterfaceError):
+        conn.terminate()
