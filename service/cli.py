@@ -251,3 +251,28 @@ def serve(bind_host: str | None, bind_port: int | None, **flags: Any) -> None:
         access_log_class=AccessLogger,
         print=None,
     )
+
+
+@main.command()
+@click.option("--sizes", default="1M,10M", show_default=True, help="Comma-separated: 100k,1M,10M.")
+@click.option("--quick", is_flag=True, help="Only the 100k dataset (CI: well under a minute).")
+@click.option(
+    "--cache-dir",
+    type=click.Path(path_type=Path),
+    default=Path("benchmarks/.cache"),
+    show_default=True,
+    help="Where generated datasets are kept between runs.",
+)
+@database_options()
+@click.option("--workers", type=int, help="Worker processes (default: CPU count).")
+def bench(sizes: str, quick: bool, cache_dir: Path, **flags: Any) -> None:
+    """Time the whole pipeline on generated data into PostgreSQL; print a table."""
+    from .bench import QUICK, SIZES, run_bench
+
+    labels = QUICK if quick else tuple(s.strip() for s in sizes.split(",") if s.strip())
+    unknown = [label for label in labels if label not in SIZES]
+    if unknown:
+        raise click.BadParameter(f"unknown size {unknown[0]!r}; choose from {', '.join(SIZES)}")
+    flags["db_schema"] = flags.get("db_schema") or "etl_bench"
+    settings = build_settings(**flags)
+    click.echo(run_bench(settings, [SIZES[label] for label in labels], cache_dir))

@@ -1,0 +1,247 @@
+"""End-to-end benchmark: generated datasets through the real pipeline into PostgreSQL.
+
+Each size is generated once with the project's generator and cached. A run goes through
+the service itself (the aiohttp app's runner, on the app's event loop) while a thread
+polls ``/healthz``, a coroutine measures event-loop lag, and another thread samples the
+resident memory of this process and all its children (PostgreSQL excluded).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import http.client
+import os
+import shutil
+import statistics
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil  # type: ignore[import-untyped]
+from aiohttp import web
+
+from .generate import generate
+from .jobs import directory_request
+from .settings import Settings
+from .web.app import create_app
+from .web.keys import RUNNER
+
+
+@dataclass(frozen=True)
+class Size:
+    label: str
+    users: int
+    experiments: int
+    compounds: int
+
+    @property
+    def dirname(self) -> str:
+        return f"e{self.experiments}-u{self.users}-c{self.compounds}-s0"
+
+
+SIZES = {
+    s.label: s
+    for s in (
+        Size("100k", 10_000, 100_000, 500),
+        Size("1M", 100_000, 1_000_000, 2_000),
+        Size("10M", 1_000_000, 10_000_000, 10_000),
+    )
+}
+QUICK = ("100k",)
+SAMPLE_INTERVAL = 0.05
+
+
+def dataset(size: Size, cache: Path) -> Path:
+    """The generated files for ``size``, made on first use and kept for later runs."""
+    target = cache / size.dirname
+    if (target / ".complete").exists():
+        return target
+    partial = cache / f"{size.dirname}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    generate(partial, size.users, size.experiments, size.compounds, seed=0)
+    (partial / ".complete").touch()
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)
+    return target
+
+
+@dataclass
+class MemorySampler:
+    """Peak summed RSS of a process tree, sampled in a thread; PostgreSQL is left out."""
+
+    root: int = field(default_factory=os.getpid)
+    peak: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def sample(self) -> int:
+        me = psutil.Process(self.root)
+        total = 0
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                if not proc.name().startswith("postgres"):
+                    total += proc.memory_info().rss
+            except psutil.Error:
+                continue  # ended between listing and reading
+        return total
+
+    def run(self) -> None:
+        while not self._stop.wait(SAMPLE_INTERVAL):
+            self.peak = max(self.peak, self.sample())
+
+    @contextmanager
+    def running(self) -> Iterator[MemorySampler]:
+        self.peak = self.sample()
+        thread = threading.Thread(target=self.run, name="rss-sampler", daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            self._stop.set()
+            thread.join()
+
+
+@dataclass
+class HealthProbe:
+    """GET /healthz every ``interval`` from a thread; the latencies in seconds."""
+
+    port: int
+    latencies: list[float] = field(default_factory=list)
+    failures: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        while not self._stop.wait(SAMPLE_INTERVAL):
+            started = time.perf_counter()
+            try:
+                conn.request("GET", "/healthz")
+                response = conn.getresponse()
+                response.read()
+                ok = response.status == 200
+            except (OSError, http.client.HTTPException):
+                conn.close()
+                ok = False
+            if ok:
+                self.latencies.append(time.perf_counter() - started)
+            else:
+                self.failures += 1
+        conn.close()
+
+    @contextmanager
+    def running(self) -> Iterator[HealthProbe]:
+        thread = threading.Thread(target=self.run, name="healthz-probe", daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            self._stop.set()
+            thread.join()
+
+
+async def loop_lag(lags: list[float], interval: float = 0.01) -> None:
+    """Record how late a 10 ms sleep wakes up: the event loop's responsiveness."""
+    while True:
+        started = time.perf_counter()
+        await asyncio.sleep(interval)
+        lags.append(time.perf_counter() - started - interval)
+
+
+@dataclass
+class Result:
+    size: Size
+    stats: dict[str, Any]
+    peak_rss: int
+    healthz: list[float]
+    healthz_failures: int
+    lags: list[float]
+
+    def row(self) -> list[str]:
+        phases = self.stats["phases_s"]
+        total = self.stats["duration_s"]
+        return [
+            self.size.label,
+            f"{phases['read']:.2f}",
+            f"{phases['aggregate_load']:.2f}",
+            f"{phases['commit']:.2f}",
+            f"{total:.2f}",
+            f"{self.stats['experiments'] / total / 1e6:.2f}M" if total else "-",
+            f"{self.peak_rss / 2**20:.0f}",
+            _ms(self.healthz, 0.5),
+            _ms(self.healthz, 0.99),
+            _ms(self.lags, 0.99),
+            _ms(self.lags, 1.0),
+        ]
+
+
+HEADER = [
+    "size",
+    "read s",
+    "agg+load s",
+    "commit s",
+    "total s",
+    "exp/s",
+    "peak RSS MB",
+    "healthz p50 ms",
+    "healthz p99 ms",
+    "loop lag p99 ms",
+    "loop lag max ms",
+]
+
+
+def _ms(values: list[float], q: float) -> str:
+    if not values:
+        return "-"
+    if q >= 1.0:
+        return f"{max(values) * 1000:.1f}"
+    return f"{statistics.quantiles(values, n=100, method='inclusive')[int(q * 100) - 1] * 1000:.1f}"
+
+
+def table(results: list[Result]) -> str:
+    cells = [HEADER, *(r.row() for r in results)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(HEADER))]
+    lines = [" | ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+async def measure(settings: Settings, size: Size, directory: Path) -> Result:
+    """One run of ``directory`` through the app's runner, with /healthz polled meanwhile."""
+    app = create_app(dataclasses.replace(settings, data_dir=directory.parent))
+    app_runner = web.AppRunner(app, handle_signals=False)
+    await app_runner.setup()
+    try:
+        site = web.TCPSite(app_runner, "127.0.0.1", 0)
+        await site.start()
+        port = app_runner.addresses[0][1]
+        lags: list[float] = []
+        lag_task = asyncio.create_task(loop_lag(lags))
+        try:
+            with MemorySampler().running() as memory, HealthProbe(port).running() as probe:
+                run = await app[RUNNER].run_to_end(directory_request(directory))
+        finally:
+            lag_task.cancel()
+            await asyncio.gather(lag_task, return_exceptions=True)
+    finally:
+        await app_runner.cleanup()
+    if run["status"] != "succeeded":
+        raise RuntimeError(f"benchmark run {run['status']}: {run.get('message')}")
+    return Result(size, run["stats"], memory.peak, probe.latencies, probe.failures, lags)
+
+
+def run_bench(settings: Settings, sizes: list[Size], cache: Path) -> str:
+    """Generate (or reuse) each dataset, run it once, and render the results table."""
+    results: list[Result] = []
+    for size in sizes:
+        started = time.perf_counter()
+        directory = dataset(size, cache)
+        made = time.perf_counter() - started
+        if made > 1:
+            print(f"generated {size.label} in {made:.1f} s", flush=True)
+        results.append(asyncio.run(measure(settings, size, directory)))
+        print(table(results[-1:]), flush=True)
+    return table(results)
