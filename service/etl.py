@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 P = ParamSpec("P")
 T = TypeVar("T")
 
-PARTITION_BYTES = 16 << 20  # experiments per partition, in input bytes
+PARTITION_BYTES = 4 << 20  # experiments per partition, in input bytes
 RANGE_BYTES = 32 << 20  # experiments per parse task
 
 
@@ -302,7 +302,7 @@ class Pipeline:
             self._call(
                 aggregate_partition,
                 [workdir / f"users-{p:04d}.pkl"],
-                [workdir / f"{prefix}-{p:04d}.pkl" for prefix in self.exp_prefixes],
+                [workdir / f"{prefix}-{p:04d}.txt" for prefix in self.exp_prefixes],
                 experiments,
                 compounds.by_id,
             )

@@ -182,10 +182,10 @@ def _decode(data: bytes, name: str, first_line: int) -> str:
     return text
 
 
-def _blocks(
+def raw_blocks(
     path: Path, name: str, start: int, end: int, block: int, first_line: int = 1
-) -> Iterator[tuple[list[str], int]]:
-    """Yield (lines, number of the first line); ``first_line`` is the line at ``start``."""
+) -> Iterator[tuple[bytes, int]]:
+    """Yield (bytes cut at a line end, number of its first line), undecoded."""
     line_no = first_line
     with path.open("rb") as f:
         f.seek(start)
@@ -208,17 +208,38 @@ def _blocks(
                 carry, data = data[cut:], data[:cut]
             else:
                 carry = b""
-            text = _decode(data, name, line_no)
-            if "\r" in text:
-                text = text.replace("\r\n", "\n").replace("\r", "\n")
-            lines = text.split("\n")
-            if lines[-1] == "":
-                lines.pop()
-            if max(map(len, lines), default=0) > MAX_LINE_CHARS:
-                long_at = next(i for i, ln in enumerate(lines) if len(ln) > MAX_LINE_CHARS)
-                raise _too_long(name, line_no + long_at, lines[long_at])
-            yield lines, line_no
-            line_no += len(lines)
+            yield data, line_no
+            line_no += line_count(data)
+
+
+def line_count(data: bytes) -> int:
+    """Lines in a block as the reader splits them: CRLF, LF and CR each end one."""
+    ends = data.count(b"\n")
+    if b"\r" in data:
+        ends += data.count(b"\r") - data.count(b"\r\n")
+    return ends + (not data.endswith((b"\n", b"\r")))
+
+
+def block_lines(data: bytes, name: str, line_no: int) -> list[str]:
+    """A block's lines: decoded, line ends unified, no line over the limit."""
+    text = _decode(data, name, line_no)
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    if max(map(len, lines), default=0) > MAX_LINE_CHARS:
+        long_at = next(i for i, ln in enumerate(lines) if len(ln) > MAX_LINE_CHARS)
+        raise _too_long(name, line_no + long_at, lines[long_at])
+    return lines
+
+
+def _blocks(
+    path: Path, name: str, start: int, end: int, block: int, first_line: int = 1
+) -> Iterator[tuple[list[str], int]]:
+    """Yield (lines, number of the first line); ``first_line`` is the line at ``start``."""
+    for data, line_no in raw_blocks(path, name, start, end, block, first_line):
+        yield block_lines(data, name, line_no), line_no
 
 
 def _field_lengths(text: str, quoted: bool = False) -> list[int]:
@@ -363,14 +384,20 @@ def iter_batches(
     stop = plan.size if end is None else end
     first = plan.header_line + 1 if start is None else 1
     if plan.splittable():
-        for lines, line_no in _blocks(plan.path, plan.name, begin, stop, block, first):
-            try:
-                rows = list(csv.reader(lines))
-            except csv.Error as exc:
-                raise _csv_failure(plan.name, lines, line_no, exc) from None
-            yield Batch(rows, range(line_no, line_no + len(rows)))
+        for data, line_no in raw_blocks(plan.path, plan.name, begin, stop, block, first):
+            yield block_batch(plan, data, line_no)
         return
     yield from _quoted_batches(plan, begin, stop, block, first)
+
+
+def block_batch(plan: FilePlan, data: bytes, line_no: int) -> Batch:
+    """The rows of one block of a splittable file (see ``raw_blocks``)."""
+    lines = block_lines(data, plan.name, line_no)
+    try:
+        rows = list(csv.reader(lines))
+    except csv.Error as exc:
+        raise _csv_failure(plan.name, lines, line_no, exc) from None
+    return Batch(rows, range(line_no, line_no + len(rows)))
 
 
 def _quoted_batches(

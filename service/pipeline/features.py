@@ -30,13 +30,16 @@ def average_run_time(run_times: list[float]) -> float | None:
     return math.fsum(run_times) / len(run_times) if run_times else None
 
 
-def top_compound(counts: Mapping[int, int]) -> tuple[int, int, int] | None:
-    """(compound_id, experiments, tie_count): most experiments, ties to the lowest id."""
+def top_compound(counts: Mapping[int, int] | Mapping[str, int]) -> tuple[int, int, int] | None:
+    """(compound_id, experiments, tie_count): most experiments, ties to the lowest id.
+
+    Keys are compound ids, as ints or as their canonical text (phase 2 counts text).
+    """
     if not counts:
         return None
     best = max(counts.values())
     winners = [cid for cid, n in counts.items() if n == best]
-    return min(winners), best, len(winners)
+    return min(map(int, winners)), best, len(winners)
 
 
 def global_average(experiments: int, users: int) -> float:

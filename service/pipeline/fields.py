@@ -71,7 +71,10 @@ def ids_column(column: Sequence[str]) -> list[int] | None:
     joined = "".join(column)
     if not (all(column) and joined.isascii() and joined.isdigit()):
         return None
-    ids = list(map(int, column))
+    try:
+        ids = list(map(int, column))
+    except ValueError:  # more digits than int() converts
+        return None
     if ids and max(ids) > BIGINT_MAX:
         return None
     return ids

@@ -10,13 +10,25 @@ is also where every error message comes from.
 from __future__ import annotations
 
 import pickle
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from itertools import repeat
 from pathlib import Path
 from typing import BinaryIO
 
-from .csvfile import Batch, FilePlan, count_fields_error, iter_batches
+from . import fastpath
+from .csvfile import (
+    Batch,
+    FilePlan,
+    block_batch,
+    block_lines,
+    count_fields_error,
+    iter_batches,
+    line_count,
+    raw_blocks,
+)
 from .errors import ErrorLog, RowError
 from .fields import (
     FieldError,
@@ -28,6 +40,7 @@ from .fields import (
     parse_run_time,
     run_times_column,
 )
+from .spill import LineSpill
 
 
 @dataclass(frozen=True)
@@ -139,11 +152,10 @@ class Spill:
             pickle.dump((list(keys), *map(list, columns)), self._files[0], protocol=5)
             return
         parts: list[list[list[object]]] = [[[] for _ in range(len(columns) + 1)] for _ in range(n)]
-        for i, key in enumerate(keys):
-            bucket = parts[key % n]
-            bucket[0].append(key)
-            for c, column in enumerate(columns, start=1):
-                bucket[c].append(column[i])
+        targets = list(map(int.__mod__, keys, repeat(n)))
+        for c, column in enumerate((keys, *columns)):
+            lists = [bucket[c] for bucket in parts]
+            deque(map(list.append, map(lists.__getitem__, targets), column), maxlen=0)
         for f, bucket in zip(self._files, parts, strict=True):
             if bucket[0]:
                 pickle.dump(tuple(bucket), f, protocol=5)
@@ -169,7 +181,9 @@ def scan_users(
     result = ScanResult()
     col_id, col_name = plan.columns["user_id"], plan.columns["name"]
     with Spill(spill_dir, "users", partitions) as spill:
-        for batch in _batches(plan, None, None, block):
+        for batch in _user_batches(plan, block, result, spill):
+            if batch is None:
+                continue  # taken by the fast path
             rows, where = _stripped(batch, plan.width, plan.name, log)
             ids = ids_column([r[col_id] for r in rows])
             if ids is None or not result.ids.add_new(ids):
@@ -178,6 +192,26 @@ def scan_users(
             result.rows += len(ids)
     result.errors, result.error_total = log.errors, log.total
     return result
+
+
+def _user_batches(
+    plan: FilePlan, block: int, result: ScanResult, spill: Spill
+) -> Iterator[Batch | None]:
+    """Blocks the fast path takes are spilled here (None); the others come as batches."""
+    if not plan.splittable():
+        yield from _batches(plan, None, None, block)
+        return
+    first = plan.header_line + 1
+    blocks = raw_blocks(plan.path, plan.name, plan.data_offset, plan.size, block, first)
+    for data, line_no in blocks:
+        lines = block_lines(data, plan.name, line_no)
+        taken = fastpath.user_block(lines, plan, result.ids)
+        if taken is None:
+            yield block_batch(plan, data, line_no)
+            continue
+        spill.write(*taken)
+        result.rows += len(lines)
+        yield None
 
 
 def _users_slowly(
@@ -239,8 +273,12 @@ def scan_experiments(
         c["experiment_compound_ids"],
         c["experiment_run_time"],
     )
-    with Spill(spill_dir, prefix, partitions) as spill:
-        for batch in _batches(plan, start, end, block):
+    with LineSpill(spill_dir, prefix, partitions) as spill:
+        for batch in _experiment_batches(plan, start, end, block, context, result, spill):
+            if on_batch is not None:
+                on_batch(0)
+            if batch is None:
+                continue  # taken by the fast path
             if batch.lines:
                 result.lines = batch.lines[-1] - (0 if byte_range else plan.header_line)
             rows, where = _stripped(batch, plan.width, plan.name, log)
@@ -261,12 +299,39 @@ def scan_experiments(
                 uids, times, comps = _experiments_slowly(
                     plan, batch, rows, where, context, result.ids, log
                 )
-            spill.write(uids, times, comps)
+            spill.write_rows(uids, times, comps)
             result.rows += len(uids)
-            if on_batch is not None:
-                on_batch(len(batch.rows))
     result.errors, result.error_total = log.errors, log.total
     return result
+
+
+def _experiment_batches(
+    plan: FilePlan,
+    start: int | None,
+    end: int | None,
+    block: int,
+    context: ExperimentContext,
+    result: ScanResult,
+    spill: LineSpill,
+) -> Iterator[Batch | None]:
+    """Blocks the fast path takes are spilled here (None); the others come as batches."""
+    if not fastpath.eligible(plan):
+        yield from _batches(plan, start, end, block)
+        return
+    begin = plan.data_offset if start is None else start
+    stop = plan.size if end is None else end
+    first = plan.header_line + 1 if start is None else 1
+    shift = 0 if start is not None else plan.header_line
+    for data, line_no in raw_blocks(plan.path, plan.name, begin, stop, block, first):
+        taken = fastpath.experiment_block(data, context.compounds, context.users, result.ids)
+        if taken is None:
+            yield block_batch(plan, data, line_no)
+            continue
+        lines, uids = taken
+        spill.write_lines(uids, lines)
+        result.rows += len(lines)
+        result.lines = line_no + line_count(data) - 1 - shift
+        yield None
 
 
 def _experiments_slowly(
