@@ -13,6 +13,7 @@ from itertools import repeat
 from .csvfile import FIELD_LIMIT, FilePlan
 from .fields import IdSet, compound_lists_known, ids_column, run_times_column
 
+BLOCK = 1 << 20  # bytes per block: a block's split fields cost ~20x its size in memory
 ORDER = ("experiment_id", "user_id", "experiment_compound_ids", "experiment_run_time")
 NUMERIC = b"0123456789;."
 ROW_SHAPE = b",,,\n"  # what a row leaves once its digits, dots and semicolons are gone

@@ -202,6 +202,7 @@ def _user_batches(
         yield from _batches(plan, None, None, block)
         return
     first = plan.header_line + 1
+    block = min(block, fastpath.BLOCK)
     blocks = raw_blocks(plan.path, plan.name, plan.data_offset, plan.size, block, first)
     for data, line_no in blocks:
         lines = block_lines(data, plan.name, line_no)
@@ -322,7 +323,8 @@ def _experiment_batches(
     stop = plan.size if end is None else end
     first = plan.header_line + 1 if start is None else 1
     shift = 0 if start is not None else plan.header_line
-    for data, line_no in raw_blocks(plan.path, plan.name, begin, stop, block, first):
+    blocks = raw_blocks(plan.path, plan.name, begin, stop, min(block, fastpath.BLOCK), first)
+    for data, line_no in blocks:
         taken = fastpath.experiment_block(data, context.compounds, context.users, result.ids)
         if taken is None:
             yield block_batch(plan, data, line_no)
