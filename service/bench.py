@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import psutil  # type: ignore[import-untyped]
 from aiohttp import web
@@ -70,8 +70,27 @@ def dataset(size: Size, cache: Path) -> Path:
     return target
 
 
+class Sampler:
+    """Runs ``run`` in a daemon thread for the duration of a ``with`` block."""
+
+    _stop: threading.Event
+
+    def run(self) -> None:
+        raise NotImplementedError
+
+    @contextmanager
+    def running(self) -> Iterator[Self]:
+        thread = threading.Thread(target=self.run, name=type(self).__name__, daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            self._stop.set()
+            thread.join()
+
+
 @dataclass
-class MemorySampler:
+class MemorySampler(Sampler):
     """Peak summed RSS of a process tree, sampled in a thread; PostgreSQL is left out."""
 
     root: int = field(default_factory=os.getpid)
@@ -90,23 +109,13 @@ class MemorySampler:
         return total
 
     def run(self) -> None:
+        self.peak = max(self.peak, self.sample())
         while not self._stop.wait(SAMPLE_INTERVAL):
             self.peak = max(self.peak, self.sample())
 
-    @contextmanager
-    def running(self) -> Iterator[MemorySampler]:
-        self.peak = self.sample()
-        thread = threading.Thread(target=self.run, name="rss-sampler", daemon=True)
-        thread.start()
-        try:
-            yield self
-        finally:
-            self._stop.set()
-            thread.join()
-
 
 @dataclass
-class HealthProbe:
+class HealthProbe(Sampler):
     """GET /healthz every ``interval`` from a thread; the latencies in seconds."""
 
     port: int
@@ -131,16 +140,6 @@ class HealthProbe:
             else:
                 self.failures += 1
         conn.close()
-
-    @contextmanager
-    def running(self) -> Iterator[HealthProbe]:
-        thread = threading.Thread(target=self.run, name="healthz-probe", daemon=True)
-        thread.start()
-        try:
-            yield self
-        finally:
-            self._stop.set()
-            thread.join()
 
 
 async def loop_lag(lags: list[float], interval: float = 0.01) -> None:
@@ -243,5 +242,6 @@ def run_bench(settings: Settings, sizes: list[Size], cache: Path) -> str:
         if made > 1:
             print(f"generated {size.label} in {made:.1f} s", flush=True)
         results.append(asyncio.run(measure(settings, size, directory)))
-        print(table(results[-1:]), flush=True)
+        if len(sizes) > 1:
+            print(table(results[-1:]), flush=True)
     return table(results)
