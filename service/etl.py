@@ -31,6 +31,7 @@ from .pipeline.aggregate import aggregate_partition
 from .pipeline.csvfile import split_ranges
 from .pipeline.errors import ErrorLog, FileError, InputError, RowError
 from .pipeline.features import FeatureRows, global_average
+from .pipeline.fields import any_overlap
 from .pipeline.plan import InputPlan, plan_inputs
 from .pipeline.scan import (
     Compounds,
@@ -204,6 +205,10 @@ class Pipeline:
                 await finalize(conn, stats)
 
             await load.commit(final, self.settings.lock_timeout)
+        # The stored stats were written inside the swap transaction, before its COMMIT;
+        # the returned ones cover the whole swap.
+        self.phases["commit"] = round(time.perf_counter() - mark, 3)
+        stats.duration_s = round(time.perf_counter() - started, 3)
         self.progress.phase = "done"
         return stats
 
@@ -328,12 +333,7 @@ class Pipeline:
 
 
 def _ids_repeat_across(results: list[ScanResult]) -> bool:
-    seen = results[0].ids
-    repeated = False
-    for result in results[1:]:
-        repeated = repeated or seen.overlaps(result.ids)
-        seen.update(result.ids)
-    return repeated
+    return any_overlap([r.span for r in results if r.span is not None])
 
 
 def _remove(workdir: Path, prefixes: list[str]) -> None:

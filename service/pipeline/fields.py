@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from itertools import repeat
 
 BIGINT_MAX = 2**63 - 1
@@ -153,21 +154,13 @@ class IdSet:
             size = min(self.DENSE_LIMIT, max(value + 1, 2 * len(self.dense), 1 << 16))
             self.dense.extend(bytes(size - len(self.dense)))
 
-    def overlaps(self, other: IdSet) -> bool:
-        common = min(len(self.dense), len(other.dense))
-        if common and (
-            int.from_bytes(self.dense[:common], "little")
-            & int.from_bytes(other.dense[:common], "little")
-        ):
-            return True
-        return any(v in other for v in self.sparse) or any(v in self for v in other.sparse)
-
-    def update(self, other: IdSet) -> None:
-        if len(other.dense) > len(self.dense):
-            self.dense.extend(bytes(len(other.dense) - len(self.dense)))
-        merged = int.from_bytes(self.dense, "little") | int.from_bytes(other.dense, "little")
-        self.dense = bytearray(merged.to_bytes(len(self.dense), "little"))
-        self.sparse |= other.sparse
+    def span(self) -> IdSpan:
+        """The same ids, stored from the lowest present one: what a range scan sends back."""
+        low = self.dense.find(1)
+        high = self.dense.rfind(1) + 1
+        if low < 0:
+            return IdSpan(0, b"", frozenset(self.sparse))
+        return IdSpan(low, bytes(self.dense[low:high]), frozenset(self.sparse))
 
     @classmethod
     def of(cls, values: Iterable[int]) -> IdSet:
@@ -175,3 +168,41 @@ class IdSet:
         for value in values:
             ids.add(value)
         return ids
+
+
+@dataclass(frozen=True)
+class IdSpan:
+    """A compact, read-only id set: a byte per id from ``offset``, plus the sparse ids.
+
+    A byte range of the experiments file holds ids from a narrow band, so its span is
+    about as long as the range has rows, wherever the band lies.
+    """
+
+    offset: int
+    dense: bytes
+    sparse: frozenset[int]
+
+    @property
+    def end(self) -> int:
+        return self.offset + len(self.dense)
+
+
+
+def any_overlap(spans: Sequence[IdSpan]) -> bool:
+    """True when an id is in two of ``spans``; only spans whose bands meet are compared.
+
+    Ids below ``IdSet.DENSE_LIMIT`` are always dense and the others always sparse, so
+    the two kinds are checked apart.
+    """
+    ordered = sorted(spans, key=lambda s: s.offset)
+    for i, span in enumerate(ordered):
+        for later in ordered[i + 1 :]:
+            if later.offset >= span.end:
+                break
+            low, high = later.offset, min(span.end, later.end)
+            mine = span.dense[low - span.offset : high - span.offset]
+            theirs = later.dense[: high - low]
+            if int.from_bytes(mine, "little") & int.from_bytes(theirs, "little"):
+                return True
+    sparse = [s.sparse for s in spans]
+    return sum(map(len, sparse)) != len(frozenset().union(*sparse))

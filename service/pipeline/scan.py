@@ -33,6 +33,7 @@ from .errors import ErrorLog, RowError
 from .fields import (
     FieldError,
     IdSet,
+    IdSpan,
     compound_lists_known,
     ids_column,
     parse_compound_list,
@@ -67,6 +68,7 @@ class ScanResult:
     errors: list[RowError] = field(default_factory=list)
     error_total: int = 0
     ids: IdSet = field(default_factory=IdSet)
+    span: IdSpan | None = None  # an experiments range's ids, compact for sending back
     fatal: bool = False  # a file-level error stopped the scan
 
 
@@ -303,6 +305,7 @@ def scan_experiments(
             spill.write_rows(uids, times, comps)
             result.rows += len(uids)
     result.errors, result.error_total = log.errors, log.total
+    result.span, result.ids = result.ids.span(), IdSet()
     return result
 
 
