@@ -51,7 +51,7 @@ class Problem(Exception):
             "title": self.title,
             "status": self.status,
             "detail": self.detail,
-            "instance": request.path,
+            "instance": request.raw_path,
             **self.extra,
         }
         response = web.json_response(

@@ -20,6 +20,7 @@ from typing import Any
 
 import aiofiles
 from aiohttp import BodyPartReader, MultipartReader, hdrs, web
+from aiohttp.http_exceptions import InvalidHeader
 
 from ..etl import RunOptions
 from ..jobs import RunRequest
@@ -110,7 +111,13 @@ def resolve_dataset(data_dir: Path, name: str) -> tuple[Path, str]:
     path = (root / relative).resolve()
     if not path.is_relative_to(root):
         raise Problem(400, f"dataset {name!r} resolves outside the data directory")
-    if not path.is_dir():
+    try:
+        found = path.is_dir()
+    except OSError as exc:  # e.g. a name longer than the file system allows
+        raise Problem(
+            400, f"dataset {name[:80]!r}... is not a usable name: {exc.strerror}"
+        ) from None
+    if not found:
         raise Problem(404, f"no dataset {name!r} in the data directory", kind="dataset-not-found")
     for entry in path.iterdir():
         if entry.is_symlink() and not entry.resolve().is_relative_to(root):
@@ -134,6 +141,8 @@ async def _json_fields(request: web.Request) -> dict[str, Any]:
         fields = json.loads(body)
     except ValueError as exc:
         raise Problem(400, f"malformed JSON: {exc}") from None
+    except RecursionError:
+        raise Problem(400, "malformed JSON: nested too deeply") from None
     if not isinstance(fields, dict):
         raise Problem(400, "the body must be a JSON object")
     unknown = sorted(set(fields) - set(JSON_FIELDS))
@@ -149,7 +158,7 @@ async def _upload(request: web.Request, settings: Settings, key: str | None) -> 
         try:
             reader = await request.multipart()
             files, fields = await _receive(reader, directory, settings.max_upload_bytes)
-        except ValueError as exc:
+        except (ValueError, InvalidHeader) as exc:
             raise Problem(400, f"malformed multipart body: {exc}") from None
         options = parse_options({**request.query, **fields})
     except BaseException:
