@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,17 @@ class RunNotActive(Exception):
     def __init__(self, run_id: int, status: str) -> None:
         super().__init__(f"run {run_id} is {status}, not running")
         self.status = status
+
+
+@dataclass
+class Outcome:
+    """How a run ended, filled in as it goes."""
+
+    status: str = "failed"
+    stats: RunStats | None = None
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    total: int = 0
+    message: str | None = None
 
 
 @dataclass(frozen=True)
@@ -137,6 +148,9 @@ class Runner:
         )
         self.pipeline, self.run_id = pipeline, row["id"]
         self.task = asyncio.create_task(self._execute(conn, row["id"], pipeline, request))
+        # Let the task take its first step: a task cancelled before it starts never runs
+        # its finally blocks, which would leak the lock connection.
+        await asyncio.sleep(0)
         log.info("run queued", extra={"run_id": row["id"], "event": "queued"})
         return run_to_json(row)
 
@@ -155,7 +169,18 @@ class Runner:
         self, lock_conn: Connection, run_id: int, pipeline: Pipeline, request: RunRequest
     ) -> dict[str, Any]:
         started = time.monotonic()
-        status, stats, errors, total, message = "failed", None, [], 0, None
+        outcome = Outcome()
+        try:
+            await self._attempt(run_id, pipeline, outcome)
+        finally:
+            # One shielded step: a second cancellation cannot skip releasing the run's
+            # lock connection or recording how the run ended.
+            await asyncio.shield(
+                self._wrap_up(lock_conn, run_id, pipeline, request, outcome, started)
+            )
+        return await self.get(run_id)
+
+    async def _attempt(self, run_id: int, pipeline: Pipeline, outcome: Outcome) -> None:
         reporter = asyncio.create_task(self._report_progress(run_id, pipeline))
         try:
             await self.pool.execute(sql.START_RUN, run_id)
@@ -173,34 +198,49 @@ class Runner:
                     None,
                 )
 
-            stats = await pipeline.run(finalize)
-            status = "succeeded"
+            outcome.stats = await pipeline.run(finalize)
+            outcome.status = "succeeded"
         except InputError as exc:
-            errors, total, message = [e.to_dict() for e in exc.errors], exc.total, str(exc)
+            outcome.errors = [e.to_dict() for e in exc.errors]
+            outcome.total, outcome.message = exc.total, str(exc)
         except asyncio.CancelledError:
-            status, message = "cancelled", "cancelled; nothing was loaded"
+            outcome.status, outcome.message = "cancelled", "cancelled; nothing was loaded"
         except Exception as exc:
             log.exception("run failed", extra={"run_id": run_id, "event": "error"})
-            message = f"{type(exc).__name__}: {exc}"
+            outcome.message = f"{type(exc).__name__}: {exc}"
         finally:
             reporter.cancel()
             await asyncio.gather(reporter, return_exceptions=True)
-            if status != "succeeded":
-                await asyncio.shield(
-                    self._record_end(run_id, status, pipeline, errors, total, message)
-                )
-            await asyncio.shield(self._unlock(lock_conn, run_id))
-            if request.cleanup is not None:
-                await asyncio.to_thread(request.cleanup)
-            if self.on_finish is not None:
-                self.on_finish(status, pipeline, stats, time.monotonic() - started)
-            if self.pipeline is pipeline:  # the next run may have started meanwhile
-                self.pipeline = None
-            log.info(
-                "run finished",
-                extra={"run_id": run_id, "event": "finish", "status": status, "detail": message},
+
+    async def _wrap_up(
+        self,
+        lock_conn: Connection,
+        run_id: int,
+        pipeline: Pipeline,
+        request: RunRequest,
+        outcome: Outcome,
+        started: float,
+    ) -> None:
+        if outcome.status != "succeeded":
+            await self._record_end(
+                run_id, outcome.status, pipeline, outcome.errors, outcome.total, outcome.message
             )
-        return await self.get(run_id)
+        await self._unlock(lock_conn, run_id)
+        if request.cleanup is not None:
+            await asyncio.to_thread(request.cleanup)
+        if self.on_finish is not None:
+            self.on_finish(outcome.status, pipeline, outcome.stats, time.monotonic() - started)
+        if self.pipeline is pipeline:  # the next run may have started meanwhile
+            self.pipeline = None
+        log.info(
+            "run finished",
+            extra={
+                "run_id": run_id,
+                "event": "finish",
+                "status": outcome.status,
+                "detail": outcome.message,
+            },
+        )
 
     async def _record_end(
         self,
