@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 P = ParamSpec("P")
 T = TypeVar("T")
 
-PARTITION_BYTES = 4 << 20  # experiments per partition, in input bytes
+PARTITION_BYTES = 2 << 20  # experiments per partition, in input bytes: ~30 MB per worker
 RANGE_BYTES = 32 << 20  # experiments per parse task
 
 
@@ -110,7 +110,10 @@ def make_executor(workers: int) -> Executor:
     """Worker processes for real parallelism; one thread when asked for one worker."""
     if workers <= 1:
         return ThreadPoolExecutor(max_workers=1, thread_name_prefix="etl-worker")
-    return ProcessPoolExecutor(max_workers=workers, mp_context=get_context("forkserver"))
+    executor = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("forkserver"))
+    for _ in range(workers):
+        executor.submit(int)  # start the workers now rather than on a run's clock
+    return executor
 
 
 Finalize = Callable[[Connection, RunStats], Awaitable[None]]
@@ -166,8 +169,8 @@ class Pipeline:
         self.progress.phase = "reading"
         plan = await asyncio.to_thread(plan_inputs, self.source)
         self.progress.bytes_total = plan.total_bytes
-        partitions = self.settings.partitions or max(
-            1, math.ceil(plan.experiments.size / PARTITION_BYTES)
+        partitions = self.settings.partitions or _round_up(
+            math.ceil(plan.experiments.size / PARTITION_BYTES), self.settings.workers
         )
         mark = time.perf_counter()
         compounds, users = await self._scan_small_files(plan, workdir, partitions)
@@ -242,7 +245,7 @@ class Pipeline:
         assert self._stop is not None
         context = ExperimentContext(users.ids, compounds.by_text)
         exp = plan.experiments
-        parts = max(self.settings.workers, math.ceil(exp.size / RANGE_BYTES))
+        parts = _round_up(math.ceil(exp.size / RANGE_BYTES), self.settings.workers)
         ranges = split_ranges(exp, parts)
 
         async def scan(index: int, byte_range: tuple[int, int]) -> ScanResult:
@@ -334,6 +337,12 @@ class Pipeline:
 
 def _ids_repeat_across(results: list[ScanResult]) -> bool:
     return any_overlap([r.span for r in results if r.span is not None])
+
+
+def _round_up(count: int, workers: int) -> int:
+    """At least one partition, and whole rounds of them so no worker idles at the end."""
+    step = max(1, workers)
+    return max(1, math.ceil(count / step) * step)
 
 
 def _remove(workdir: Path, prefixes: list[str]) -> None:

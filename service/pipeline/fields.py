@@ -187,7 +187,6 @@ class IdSpan:
         return self.offset + len(self.dense)
 
 
-
 def any_overlap(spans: Sequence[IdSpan]) -> bool:
     """True when an id is in two of ``spans``; only spans whose bands meet are compared.
 
