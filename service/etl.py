@@ -49,7 +49,7 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 PARTITION_BYTES = 2 << 20  # experiments per partition, in input bytes: ~30 MB per worker
-RANGE_BYTES = 32 << 20  # experiments per parse task
+RANGE_BYTES = 16 << 20  # experiments per parse task
 
 
 @dataclass(frozen=True)
@@ -142,6 +142,8 @@ class Pipeline:
         self._stop: StopFile | None = None
         self._in_flight: set[Future[Any]] = set()
         self.exp_prefixes: list[str] = []
+        self._splits: list[tuple[int, int]] = []
+        self._ranges: list[ScanResult] = []
 
     async def _call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         future = self.executor.submit(partial(fn, *args, **kwargs))
@@ -173,10 +175,7 @@ class Pipeline:
             math.ceil(plan.experiments.size / PARTITION_BYTES), self.settings.workers
         )
         mark = time.perf_counter()
-        compounds, users = await self._scan_small_files(plan, workdir, partitions)
-        if self.options.on_error == "abort" or self.fatal:
-            # Bad users or compounds would only echo as unknown references below.
-            self._check_errors()
+        compounds, users = await self._scan_inputs(plan, workdir, partitions)
         experiments = await self._scan_experiments(plan, workdir, partitions, compounds, users)
         self.phases["read"] = time.perf_counter() - mark
         self._check_errors()
@@ -215,23 +214,83 @@ class Pipeline:
         self.progress.phase = "done"
         return stats
 
-    async def _scan_small_files(
+    async def _scan_inputs(
         self, plan: InputPlan, workdir: Path, partitions: int
     ) -> tuple[Compounds, ScanResult]:
-        compounds_task = self._call(_compounds_task, plan, self.settings.chunk_bytes)
-        users_task = self._call(
-            _guarded(scan_users), plan.users, workdir, partitions, self.settings.chunk_bytes
+        """Compounds, then experiment ranges while users.csv is still being read."""
+        block = self.settings.chunk_bytes
+        users_call = asyncio.ensure_future(
+            self._call(_guarded(scan_users), plan.users, workdir, partitions, block)
         )
-        (compounds, compound_scan), users = await asyncio.gather(compounds_task, users_task)
-        for kind, scan, size in (
-            ("compounds", compound_scan, plan.compounds.size),
-            ("users", users, plan.users.size),
-        ):
-            self.errors.extend(scan.errors, scan.error_total)
-            self.fatal = self.fatal or scan.fatal
-            self.progress.rows_read[kind] = scan.rows
-            self.progress.bytes_read += size
+        ranges: asyncio.Future[list[ScanResult]] | None = None
+        try:
+            compounds, compound_scan = await self._call(_compounds_task, plan, block)
+            if not compound_scan.fatal:
+                context = ExperimentContext(None, compounds.by_text)
+                scans = self._scan_ranges(plan, workdir, partitions, context)
+                ranges = asyncio.ensure_future(scans)
+            users = await users_call
+            for kind, scan, size in (
+                ("compounds", compound_scan, plan.compounds.size),
+                ("users", users, plan.users.size),
+            ):
+                self.errors.extend(scan.errors, scan.error_total)
+                self.fatal = self.fatal or scan.fatal
+                self.progress.rows_read[kind] = scan.rows
+                self.progress.bytes_read += size
+            if self.options.on_error == "abort" or self.fatal:
+                # Bad users or compounds would only echo as unknown references below.
+                self._check_errors()
+            assert ranges is not None  # compounds were readable, or the check raised
+            self._ranges = await ranges
+        except BaseException:
+            for task in (users_call, ranges):
+                if task is not None:
+                    task.cancel()
+            await asyncio.gather(
+                *(t for t in (users_call, ranges) if t is not None), return_exceptions=True
+            )
+            raise
         return compounds, users
+
+    async def _scan_ranges(
+        self, plan: InputPlan, workdir: Path, partitions: int, context: ExperimentContext
+    ) -> list[ScanResult]:
+        """Scan experiment byte ranges in parallel, spilling to ``exp{index}`` files."""
+        exp = plan.experiments
+        # Two ranges per worker at least: one worker starts on users.csv meanwhile.
+        wanted = max(math.ceil(exp.size / RANGE_BYTES), 2 * self.settings.workers)
+        parts = _round_up(wanted, self.settings.workers)
+        self._splits = split_ranges(exp, parts)
+
+        async def scan(index: int, byte_range: tuple[int, int]) -> ScanResult:
+            result = await self._scan_range(plan, workdir, partitions, context, index)
+            self.progress.bytes_read += byte_range[1] - byte_range[0]
+            self.progress.rows_read["experiments"] += result.rows
+            return result
+
+        return await asyncio.gather(*(scan(i, r) for i, r in enumerate(self._splits)))
+
+    async def _scan_range(
+        self,
+        plan: InputPlan,
+        workdir: Path,
+        partitions: int,
+        context: ExperimentContext,
+        index: int,
+    ) -> ScanResult:
+        ranges = self._splits
+        return await self._call(
+            _guarded(scan_experiments),
+            plan.experiments,
+            context,
+            workdir,
+            partitions,
+            f"exp{index:04d}",
+            ranges[index] if len(ranges) > 1 else None,
+            self.settings.chunk_bytes,
+            self._stop,
+        )
 
     async def _scan_experiments(
         self,
@@ -241,31 +300,22 @@ class Pipeline:
         compounds: Compounds,
         users: ScanResult,
     ) -> int:
-        """Scan experiment byte ranges in parallel; the number of valid experiments."""
-        assert self._stop is not None
+        """Finish the range scans; the number of valid experiments.
+
+        A range that referenced a user id missing from users.csv is scanned again with
+        the user ids known, so its errors say which rows.
+        """
         context = ExperimentContext(users.ids, compounds.by_text)
+        results = self._ranges
+        self.exp_prefixes = [f"exp{i:04d}" for i in range(len(results))]
+        for index, result in enumerate(results):
+            if result.users is None or users.ids.covers(result.users):
+                continue
+            await asyncio.to_thread(_remove, workdir, [self.exp_prefixes[index]])
+            again = await self._scan_range(plan, workdir, partitions, context, index)
+            self.progress.rows_read["experiments"] += again.rows - result.rows
+            results[index] = again
         exp = plan.experiments
-        parts = _round_up(math.ceil(exp.size / RANGE_BYTES), self.settings.workers)
-        ranges = split_ranges(exp, parts)
-
-        async def scan(index: int, byte_range: tuple[int, int]) -> ScanResult:
-            result = await self._call(
-                _guarded(scan_experiments),
-                exp,
-                context,
-                workdir,
-                partitions,
-                f"exp{index:04d}",
-                byte_range if len(ranges) > 1 else None,
-                self.settings.chunk_bytes,
-                self._stop,
-            )
-            self.progress.bytes_read += byte_range[1] - byte_range[0]
-            self.progress.rows_read["experiments"] += result.rows
-            return result
-
-        results = await asyncio.gather(*(scan(i, r) for i, r in enumerate(ranges)))
-        self.exp_prefixes = [f"exp{i:04d}" for i in range(len(ranges))]
         if await asyncio.to_thread(_ids_repeat_across, results):
             # An experiment id repeats across ranges: rescan in one pass, which reports
             # the later occurrence at its line like a sequential reader would.

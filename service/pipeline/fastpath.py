@@ -11,7 +11,7 @@ import re
 from itertools import repeat
 
 from .csvfile import FIELD_LIMIT, FilePlan
-from .fields import IdSet, compound_lists_known, ids_column, run_times_column
+from .fields import IdSet, Referenced, compound_lists_known, ids_column, run_times_column
 
 BLOCK = 1 << 20  # bytes per block: a block's split fields cost ~20x its size in memory
 ORDER = ("experiment_id", "user_id", "experiment_compound_ids", "experiment_run_time")
@@ -30,7 +30,7 @@ def eligible(plan: FilePlan) -> bool:
 
 
 def experiment_block(
-    data: bytes, known: dict[str, int], users: IdSet, seen: IdSet
+    data: bytes, known: dict[str, int], users: IdSet | Referenced, seen: IdSet
 ) -> tuple[list[str], list[int]] | None:
     """(spill lines, user ids) when every row of the block is valid, else None.
 

@@ -154,6 +154,22 @@ class IdSet:
             size = min(self.DENSE_LIMIT, max(value + 1, 2 * len(self.dense), 1 << 16))
             self.dense.extend(bytes(size - len(self.dense)))
 
+    def mark(self, values: Sequence[int]) -> None:
+        """Add ids, whether or not they are there already."""
+        if values and max(values) < self.DENSE_LIMIT:
+            self._grow(max(values))
+            deque(map(self.dense.__setitem__, values, repeat(1)), maxlen=0)
+        else:
+            deque(map(self.add, values), maxlen=0)
+
+    def covers(self, span: IdSpan) -> bool:
+        """True when every id of ``span`` is in this set."""
+        if not span.sparse <= self.sparse:
+            return False
+        mine = self.dense[span.offset : span.end]
+        theirs = int.from_bytes(span.dense, "little")
+        return not theirs & (theirs ^ int.from_bytes(mine, "little"))
+
     def span(self) -> IdSpan:
         """The same ids, stored from the lowest present one: what a range scan sends back."""
         low = self.dense.find(1)
@@ -168,6 +184,22 @@ class IdSet:
         for value in values:
             ids.add(value)
         return ids
+
+
+class Referenced:
+    """Stands in for the user ids while users.csv is still being read: it accepts every
+    id and notes it, and the notes are checked against the real ids afterwards."""
+
+    def __init__(self) -> None:
+        self.ids = IdSet()
+
+    def __contains__(self, value: int) -> bool:
+        self.ids.mark([value])
+        return True
+
+    def contains_all(self, values: Sequence[int]) -> bool:
+        self.ids.mark(values)
+        return True
 
 
 @dataclass(frozen=True)

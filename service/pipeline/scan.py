@@ -34,6 +34,7 @@ from .fields import (
     FieldError,
     IdSet,
     IdSpan,
+    Referenced,
     compound_lists_known,
     ids_column,
     parse_compound_list,
@@ -69,6 +70,7 @@ class ScanResult:
     error_total: int = 0
     ids: IdSet = field(default_factory=IdSet)
     span: IdSpan | None = None  # an experiments range's ids, compact for sending back
+    users: IdSpan | None = None  # user ids referenced, when scanned before users.csv was read
     fatal: bool = False  # a file-level error stopped the scan
 
 
@@ -245,9 +247,13 @@ def _users_slowly(
 
 @dataclass(frozen=True)
 class ExperimentContext:
-    """What an experiments scan needs from the earlier files."""
+    """What an experiments scan needs from the earlier files.
 
-    users: IdSet
+    Without ``users`` (users.csv still being read) every user id passes and the ids
+    referenced come back in ``ScanResult.users``, for the caller to check afterwards.
+    """
+
+    users: IdSet | Referenced | None
     compounds: dict[str, int]  # canonical id text -> id
 
 
@@ -268,6 +274,9 @@ def scan_experiments(
     """
     log = ErrorLog()
     result = ScanResult()
+    referenced = Referenced() if context.users is None else None
+    if referenced is not None:
+        context = ExperimentContext(referenced, context.compounds)
     start, end = byte_range if byte_range else (None, None)
     c = plan.columns
     ce, cu, cc, ct = (
@@ -295,6 +304,7 @@ def scan_experiments(
                 and uids is not None
                 and times is not None
                 and compound_lists_known(comps, context.compounds)
+                and context.users is not None
                 and context.users.contains_all(uids)
                 and result.ids.add_new(eids)
             )
@@ -306,6 +316,8 @@ def scan_experiments(
             result.rows += len(uids)
     result.errors, result.error_total = log.errors, log.total
     result.span, result.ids = result.ids.span(), IdSet()
+    if referenced is not None:
+        result.users = referenced.ids.span()
     return result
 
 
@@ -328,6 +340,7 @@ def _experiment_batches(
     shift = 0 if start is not None else plan.header_line
     blocks = raw_blocks(plan.path, plan.name, begin, stop, min(block, fastpath.BLOCK), first)
     for data, line_no in blocks:
+        assert context.users is not None
         taken = fastpath.experiment_block(data, context.compounds, context.users, result.ids)
         if taken is None:
             yield block_batch(plan, data, line_no)
@@ -382,7 +395,7 @@ def _experiments_slowly(
 def _reference_problem(
     uid: int, compounds: list[int], context: ExperimentContext
 ) -> tuple[str, str] | None:
-    if uid not in context.users:
+    if context.users is not None and uid not in context.users:
         return "user_id", f"unknown user_id {uid} (not in users.csv)"
     for cid in compounds:
         if str(cid) not in context.compounds:
