@@ -12,6 +12,7 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import repeat
+from operator import sub
 
 BIGINT_MAX = 2**63 - 1
 
@@ -103,12 +104,16 @@ def compound_lists_known(column: Sequence[str], known: dict[str, int]) -> bool:
 class IdSet:
     """A set of non-negative ids: a byte per id up to a limit, a Python set above it.
 
-    Ten million dense ids cost 10 MB instead of the ~600 MB of a set of ints.
+    Ten million dense ids cost 10 MB instead of the ~600 MB of a set of ints. The bytes
+    start at ``offset``: ids from a band far from zero (one range of the experiments
+    file) cost a byte per id of the band, not per id from zero.
     """
 
     DENSE_LIMIT = 1 << 26
+    NEAR_ZERO = 1 << 16  # bands starting below this are stored from zero: no shifting
 
     def __init__(self) -> None:
+        self.offset = 0  # dense[i] stands for id offset + i
         self.dense = bytearray()
         self.sparse: set[int] = set()
 
@@ -116,22 +121,30 @@ class IdSet:
         return self.dense.count(1) + len(self.sparse)
 
     def __contains__(self, value: int) -> bool:
-        if value < len(self.dense):
-            return bool(self.dense[value])
+        index = value - self.offset
+        if 0 <= index < len(self.dense):
+            return bool(self.dense[index])
         return value in self.sparse
 
     def contains_all(self, values: Sequence[int]) -> bool:
-        if values and max(values) < len(self.dense):
-            return all(map(self.dense.__getitem__, values))
+        if values and self.offset <= min(values) and max(values) < self.end:
+            return all(map(self.dense.__getitem__, self._indexes(values)))
         return all(map(self.__contains__, values))
+
+    @property
+    def end(self) -> int:
+        return self.offset + len(self.dense)
+
+    def _indexes(self, values: Sequence[int]) -> Sequence[int]:
+        return values if not self.offset else list(map(sub, values, repeat(self.offset)))
 
     def add(self, value: int) -> bool:
         """Add one id; False if it was already there."""
         if value in self:
             return False
         if value < self.DENSE_LIMIT:
-            self._grow(value)
-            self.dense[value] = 1
+            self._cover(value, value)
+            self.dense[value - self.offset] = 1
         else:
             self.sparse.add(value)
         return True
@@ -143,40 +156,52 @@ class IdSet:
         top = max(values)
         if top >= self.DENSE_LIMIT or len(set(values)) != len(values):
             return False
-        self._grow(top)
-        if any(map(self.dense.__getitem__, values)):
+        self._cover(min(values), top)
+        indexes = self._indexes(values)
+        if any(map(self.dense.__getitem__, indexes)):
             return False
-        deque(map(self.dense.__setitem__, values, repeat(1)), maxlen=0)
+        deque(map(self.dense.__setitem__, indexes, repeat(1)), maxlen=0)
         return True
-
-    def _grow(self, value: int) -> None:
-        if value >= len(self.dense):
-            size = min(self.DENSE_LIMIT, max(value + 1, 2 * len(self.dense), 1 << 16))
-            self.dense.extend(bytes(size - len(self.dense)))
 
     def mark(self, values: Sequence[int]) -> None:
         """Add ids, whether or not they are there already."""
         if values and max(values) < self.DENSE_LIMIT:
-            self._grow(max(values))
-            deque(map(self.dense.__setitem__, values, repeat(1)), maxlen=0)
+            self._cover(min(values), max(values))
+            deque(map(self.dense.__setitem__, self._indexes(values), repeat(1)), maxlen=0)
         else:
             deque(map(self.add, values), maxlen=0)
+
+    def _cover(self, low: int, high: int) -> None:
+        """Make the bytes reach from ``low`` to ``high`` (both below DENSE_LIMIT)."""
+        if not self.dense:
+            self.offset = 0 if low < self.NEAR_ZERO else low
+        elif low < self.offset:
+            # Grow downwards by at least the current size, so prepending stays rare.
+            start = max(0, min(low, self.offset - max(len(self.dense), self.NEAR_ZERO)))
+            start = 0 if start < self.NEAR_ZERO else start
+            self.dense[:0] = bytes(self.offset - start)
+            self.offset = start
+        if high >= self.end:
+            limit = self.DENSE_LIMIT - self.offset
+            size = min(limit, max(high - self.offset + 1, 2 * len(self.dense), self.NEAR_ZERO))
+            self.dense.extend(bytes(size - len(self.dense)))
 
     def covers(self, span: IdSpan) -> bool:
         """True when every id of ``span`` is in this set."""
         if not span.sparse <= self.sparse:
             return False
-        mine = self.dense[span.offset : span.end]
-        theirs = int.from_bytes(span.dense, "little")
-        return not theirs & (theirs ^ int.from_bytes(mine, "little"))
+        start = span.offset - self.offset
+        stop = start + span.bits.bit_length()
+        mine = _pack(self.dense[max(start, 0) : max(stop, 0)]) << max(-start, 0)
+        return not span.bits & ~mine
 
     def span(self) -> IdSpan:
-        """The same ids, stored from the lowest present one: what a range scan sends back."""
+        """The same ids as a bit set from the lowest one: what a range scan sends back."""
         low = self.dense.find(1)
-        high = self.dense.rfind(1) + 1
         if low < 0:
-            return IdSpan(0, b"", frozenset(self.sparse))
-        return IdSpan(low, bytes(self.dense[low:high]), frozenset(self.sparse))
+            return IdSpan(0, 0, frozenset(self.sparse))
+        high = self.dense.rfind(1) + 1
+        return IdSpan(self.offset + low, _pack(self.dense[low:high]), frozenset(self.sparse))
 
     @classmethod
     def of(cls, values: Iterable[int]) -> IdSet:
@@ -202,38 +227,39 @@ class Referenced:
         return True
 
 
+_BIT_DIGITS = bytes.maketrans(b"\x00\x01", b"01")
+
+
+def _pack(dense: bytes | bytearray) -> int:
+    """Bit ``i`` set where byte ``i`` is 1: eight times smaller, in two C-level passes."""
+    return int(dense.translate(_BIT_DIGITS)[::-1], 2) if dense else 0
+
+
 @dataclass(frozen=True)
 class IdSpan:
-    """A compact, read-only id set: a byte per id from ``offset``, plus the sparse ids.
+    """A compact, read-only id set: bit ``i`` of ``bits`` stands for id ``offset + i``;
+    ids at or above ``IdSet.DENSE_LIMIT`` are in ``sparse``.
 
     A byte range of the experiments file holds ids from a narrow band, so its span is
-    about as long as the range has rows, wherever the band lies.
+    about an eighth of a byte per row, wherever the band lies.
     """
 
     offset: int
-    dense: bytes
+    bits: int
     sparse: frozenset[int]
-
-    @property
-    def end(self) -> int:
-        return self.offset + len(self.dense)
 
 
 def any_overlap(spans: Sequence[IdSpan]) -> bool:
-    """True when an id is in two of ``spans``; only spans whose bands meet are compared.
+    """True when an id is in two of ``spans``.
 
     Ids below ``IdSet.DENSE_LIMIT`` are always dense and the others always sparse, so
     the two kinds are checked apart.
     """
-    ordered = sorted(spans, key=lambda s: s.offset)
-    for i, span in enumerate(ordered):
-        for later in ordered[i + 1 :]:
-            if later.offset >= span.end:
-                break
-            low, high = later.offset, min(span.end, later.end)
-            mine = span.dense[low - span.offset : high - span.offset]
-            theirs = later.dense[: high - low]
-            if int.from_bytes(mine, "little") & int.from_bytes(theirs, "little"):
-                return True
+    seen = 0
+    for span in spans:
+        shifted = span.bits << span.offset
+        if seen & shifted:
+            return True
+        seen |= shifted
     sparse = [s.sparse for s in spans]
     return sum(map(len, sparse)) != len(frozenset().union(*sparse))
