@@ -51,22 +51,36 @@ def experiment_block(
     flat = text.replace("\n", ",").split(",")
     flat.pop()
     user_text = flat[1::4]
-    eids = ids_column(flat[0::4])
     uids = ids_column(user_text)
     if (
-        eids is None
-        or uids is None
+        uids is None
         or _non_canonical(user_text)
         or run_times_column(flat[3::4]) is None
         or not compound_lists_known(flat[2::4], known)
         or not users.contains_all(uids)
-        or not seen.add_new(eids)
     ):
         return None
     lines = list(map(",".join, zip(user_text, flat[2::4], flat[3::4], strict=True)))
     if max(map(len, lines), default=0) > FIELD_LIMIT:
         return None  # a field may be over the csv module's limit: let it say so
+    if not _add_ids(flat[0::4], seen):
+        return None
     return lines, uids
+
+
+def _add_ids(column: list[str], seen: IdSet) -> bool:
+    """Add a block's experiment ids to ``seen`` when all are valid and new; else add none.
+
+    Exports usually number rows consecutively: then one comparison with the text of a
+    ``range`` proves every id canonical and distinct, without converting each one.
+    """
+    first = column[0]
+    if first.isdigit() and (first == "0" or first[0] != "0") and len(first) < 19:
+        start = int(first)
+        if ",".join(column) == ",".join(map(str, range(start, start + len(column)))):
+            return seen.add_range(start, len(column))
+    ids = ids_column(column)
+    return ids is not None and seen.add_new(ids)
 
 
 def _non_canonical(ids: list[str]) -> bool:

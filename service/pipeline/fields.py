@@ -163,6 +163,19 @@ class IdSet:
         deque(map(self.dense.__setitem__, indexes, repeat(1)), maxlen=0)
         return True
 
+    def add_range(self, start: int, count: int) -> bool:
+        """Add ids ``start`` to ``start + count - 1`` if none is present; else add nothing."""
+        if count <= 0:
+            return True
+        if start + count > self.DENSE_LIMIT:
+            return False
+        self._cover(start, start + count - 1)
+        index = start - self.offset
+        if self.dense.find(1, index, index + count) >= 0:
+            return False
+        self.dense[index : index + count] = b"\x01" * count
+        return True
+
     def mark(self, values: Sequence[int]) -> None:
         """Add ids, whether or not they are there already."""
         if values and max(values) < self.DENSE_LIMIT:
