@@ -6,11 +6,12 @@ import asyncio
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote
 
+import asyncpg
 import click
 from aiohttp import web
 
@@ -24,6 +25,7 @@ from .settings import Settings
 from .web.app import SHUTDOWN_TIMEOUT, create_app
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 
 def database_options(
@@ -64,6 +66,16 @@ def build_settings(**flags: Any) -> Settings:
     return settings.with_overrides(database_url=url, **flags)
 
 
+def on_database(settings: Settings, work: Coroutine[Any, Any, T]) -> T:
+    """Run ``work``; an unreachable database is a one-line error, not a traceback."""
+    try:
+        return asyncio.run(work)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise click.ClickException(
+            f"cannot use the database at {where_data_went(settings)}: {exc}"
+        ) from None
+
+
 def where_data_went(settings: Settings) -> str:
     if settings.database_url:
         return settings.database_url.split("@")[-1]
@@ -91,7 +103,7 @@ def run(data_dir: Path, on_error: str, max_errors: int, **flags: Any) -> None:
     """Run the ETL once on DATA_DIR (default ./data)."""
     settings = build_settings(**flags)
     options = RunOptions(on_error=on_error, max_errors=max_errors)  # type: ignore[arg-type]
-    result = asyncio.run(_run_once(settings, data_dir, options))
+    result = on_database(settings, _run_once(settings, data_dir, options))
     if result["status"] != "succeeded":
         click.secho(
             f"Run {result['id']} {result['status']}: {result['message']}", fg="red", err=True
@@ -182,7 +194,7 @@ async def _show_progress(runner: Runner) -> None:
 def show(user_id: int | None, limit: int, **flags: Any) -> None:
     """Print the result tables (or one user's features)."""
     settings = build_settings(**flags)
-    asyncio.run(_show(settings, user_id, limit))
+    on_database(settings, _show(settings, user_id, limit))
 
 
 async def _show(settings: Settings, user_id: int | None, limit: int) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 import asyncpg
 
 from .db import sql
-from .db.database import Connection, Pool
+from .db.database import Connection, Pool, ensure_schema
 from .etl import Pipeline, RunOptions, RunStats
 from .pipeline.errors import InputError
 
@@ -46,6 +46,10 @@ class RunNotFound(Exception):
 class IdempotencyMismatch(Exception):
     def __init__(self, key: str) -> None:
         super().__init__(f"Idempotency-Key {key!r} was used for a different request")
+
+
+class DatabaseUnavailable(Exception):
+    """The database does not answer (yet): try again later."""
 
 
 class RunNotActive(Exception):
@@ -110,10 +114,14 @@ class Runner:
         self.pipeline: Pipeline | None = None
         self.run_id: int | None = None
         self.task: asyncio.Task[dict[str, Any]] | None = None
+        # False until the schema is in place and orphans are recovered (see ``bootstrap``).
+        self.ready = True
         self.on_finish: Callable[[str, Pipeline, RunStats | None, float], None] | None = None
 
     async def submit(self, request: RunRequest) -> dict[str, Any]:
         """Record a queued run and start it in the background; the run as JSON."""
+        if not self.ready:
+            raise DatabaseUnavailable("the database has not answered since start-up")
         if request.idempotency_key:
             existing = await self._by_key(request)
             if existing is not None:
@@ -339,6 +347,25 @@ class Runner:
         for run_id in marked:
             log.warning("orphaned run marked failed", extra={"run_id": run_id, "event": "recover"})
         return marked
+
+    async def bootstrap(self, schema: str | None, retry_every: float = 1.0) -> None:
+        """Create the schema and recover orphaned runs as soon as the database answers."""
+        self.ready = False
+        while True:
+            try:
+                async with self.pool.acquire() as conn:
+                    await ensure_schema(conn, schema)
+                await self.recover()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning(
+                    "database not available yet; retrying",
+                    extra={"event": "bootstrap", "detail": repr(exc)},
+                )
+                await asyncio.sleep(retry_every)
+                continue
+            self.ready = True
+            log.info("database ready", extra={"event": "bootstrap"})
+            return
 
     async def close(self) -> None:
         """Cancel the active run (rolled back, status cancelled) and wait for it."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import asyncpg
@@ -133,3 +134,14 @@ def test_cli_generate_writes_the_export_format(tmp_path: Path) -> None:
     experiments = (tmp_path / "user_experiments.csv").read_text().split("\n")
     assert len(experiments) == 21
     assert os.path.getsize(tmp_path / "compounds.csv") > 0
+
+
+def test_cli_says_in_one_line_when_the_database_is_unreachable(sample_dir: Path) -> None:
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"postgresql://postgres@127.0.0.1:{port}/test"
+    result = CliRunner().invoke(main, ["run", str(sample_dir), "--database-url", url])
+    assert result.exit_code == 1
+    assert f"cannot use the database at 127.0.0.1:{port}/test" in result.output
+    assert "Traceback" not in result.output

@@ -138,6 +138,34 @@ async def test_readiness_follows_the_database_and_liveness_does_not(
     assert statuses[-1] == 200, statuses
 
 
+async def test_database_down_at_start_then_back_recovers_by_itself(
+    proxy: Proxy, serve: Serve
+) -> None:
+    await proxy.close()  # the database is unreachable before the server starts
+    client = await serve(database_url=proxy.url)
+    assert await status_of(client, "/healthz") == 200
+    async with client.get("/readyz") as response:
+        await problem(response, 503)
+    started = time.monotonic()
+    async with client.post("/runs") as response:
+        body = await problem(response, 503)
+    assert time.monotonic() - started < 2, "POST /runs must fail fast while the database is down"
+    assert body["type"].endswith("database-unavailable")
+    assert response.headers["Retry-After"]
+
+    await proxy.open()
+    for _ in range(100):
+        if await status_of(client, "/readyz") == 200:
+            break
+        await asyncio.sleep(0.1)
+    async with client.get("/runs") as response:
+        assert (await response.json())["runs"] == []  # the refused POST left nothing behind
+    async with client.post("/runs") as response:
+        assert response.status == 202
+        run = await response.json()
+    assert (await wait_for(client, run["id"], {"succeeded", "failed"}))["status"] == "succeeded"
+
+
 async def test_start_up_marks_runs_of_a_dead_process_failed(
     serve: Serve, settings: Settings
 ) -> None:

@@ -24,8 +24,12 @@ async def resolve_url(settings: Settings) -> str:
     return await asyncio.to_thread(start_embedded, settings.embedded_dir)
 
 
+# A database that does not answer must fail requests fast, not after asyncpg's 60 s.
+CONNECT_TIMEOUT = 5.0
+
+
 def connect_kwargs(settings: Settings) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"command_timeout": None}
+    kwargs: dict[str, Any] = {"command_timeout": None, "timeout": CONNECT_TIMEOUT}
     if settings.db_schema:
         kwargs["server_settings"] = {"search_path": settings.db_schema}
     return kwargs
@@ -44,13 +48,22 @@ async def ensure_schema(conn: Connection, schema: str | None) -> None:
 
 
 @asynccontextmanager
-async def open_pool(settings: Settings, url: str | None = None) -> AsyncIterator[Pool]:
-    """A pool on the configured (or embedded) database with the schema in place."""
+async def open_pool(
+    settings: Settings, url: str | None = None, *, lazy: bool = False
+) -> AsyncIterator[Pool]:
+    """A pool on the configured (or embedded) database with the schema in place.
+
+    ``lazy`` opens no connection and creates no schema, so a server can start while its
+    database is down; it then calls :func:`ensure_schema` once the database answers.
+    """
     dsn = url or await resolve_url(settings)
-    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=10, **connect_kwargs(settings))
+    pool = await asyncpg.create_pool(
+        dsn, min_size=0 if lazy else 1, max_size=10, **connect_kwargs(settings)
+    )
     try:
-        async with pool.acquire() as conn:
-            await ensure_schema(conn, settings.db_schema)
+        if not lazy:
+            async with pool.acquire() as conn:
+                await ensure_schema(conn, settings.db_schema)
         yield pool
     finally:
         await pool.close()

@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 # Seconds in-flight requests get at shutdown; cancelling the active run follows, and
 # the whole stop has to fit in the 10 s orchestrators usually allow.
 SHUTDOWN_TIMEOUT = 3.0
+# Seconds start-up waits for the database before serving anyway (then /readyz says 503).
+STARTUP_WAIT = 3.0
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -48,7 +50,8 @@ def create_app(settings: Settings) -> web.Application:
 
 
 async def database(app: web.Application) -> AsyncIterator[None]:
-    async with open_pool(app[SETTINGS]) as pool:
+    # Lazy: the server starts (and /healthz answers) while the database is down.
+    async with open_pool(app[SETTINGS], lazy=True) as pool:
         app[POOL] = pool
         yield
 
@@ -62,14 +65,24 @@ async def executor(app: web.Application) -> AsyncIterator[None]:
 async def runner(app: web.Application) -> AsyncIterator[None]:
     job_runner = Runner(app[POOL], app[EXECUTOR], app[SETTINGS])
     app[METRICS].watch(job_runner)
-    await job_runner.recover()
+    app[RUNNER] = job_runner
+    # Schema and crash recovery wait for the database in the background; until then
+    # POST /runs and /readyz answer 503.
+    bootstrap = asyncio.create_task(start_runner(app), name="bootstrap")
+    # A database that answers makes the server ready before it accepts requests.
+    await asyncio.wait({bootstrap}, timeout=STARTUP_WAIT)
+    yield
+    bootstrap.cancel()
+    await asyncio.gather(bootstrap, return_exceptions=True)
+    log.info("stopping: the active run, if any, is cancelled", extra={"event": "stop"})
+    await job_runner.close()
+
+
+async def start_runner(app: web.Application) -> None:
+    await app[RUNNER].bootstrap(app[SETTINGS].db_schema)
     last = await app[POOL].fetchrow(sql.LAST_SUCCESS)
     if last is not None:
         app[METRICS].last_success.set(last["finished_at"].timestamp())
-    app[RUNNER] = job_runner
-    yield
-    log.info("stopping: the active run, if any, is cancelled", extra={"event": "stop"})
-    await job_runner.close()
 
 
 async def announce(app: web.Application) -> None:

@@ -10,10 +10,17 @@ import logging
 from http import HTTPStatus
 from typing import Any
 
+import asyncpg
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from ..jobs import IdempotencyMismatch, RunConflict, RunNotActive, RunNotFound
+from ..jobs import (
+    DatabaseUnavailable,
+    IdempotencyMismatch,
+    RunConflict,
+    RunNotActive,
+    RunNotFound,
+)
 from .keys import RUN_ID
 
 log = logging.getLogger(__name__)
@@ -86,6 +93,20 @@ def from_domain(exc: Exception) -> Problem | None:
         case RunNotFound():
             return Problem(
                 404, str(exc), title="Run not found", kind="run-not-found", run_id=exc.run_id
+            )
+        case (
+            DatabaseUnavailable()
+            | OSError()  # refused, reset or timed out (TimeoutError is an OSError)
+            | asyncpg.CannotConnectNowError()
+            | asyncpg.ConnectionDoesNotExistError()
+            | asyncpg.UndefinedTableError()  # the schema is not there yet
+        ):
+            return Problem(
+                503,
+                f"the database is unavailable ({type(exc).__name__}); try again shortly",
+                title="Database unavailable",
+                kind="database-unavailable",
+                headers={"Retry-After": "5"},
             )
         case IdempotencyMismatch():
             return Problem(

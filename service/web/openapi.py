@@ -25,6 +25,10 @@ def _problem(description: str) -> dict[str, Any]:
     }
 
 
+def _unavailable() -> dict[str, Any]:
+    return _problem("The database does not answer (yet); retry after Retry-After seconds.")
+
+
 def _nullable(type_: str) -> dict[str, Any]:
     return {"type": [type_, "null"]}
 
@@ -257,6 +261,7 @@ PATHS: dict[str, Any] = {
                 "413": _problem("Upload larger than the limit."),
                 "415": _problem("Unsupported Content-Type or Content-Encoding."),
                 "422": _problem("Invalid options, or Idempotency-Key reused for another request."),
+                "503": _unavailable(),
             },
         },
         "get": {
@@ -278,6 +283,7 @@ PATHS: dict[str, Any] = {
                 "200": _json(_ref("RunList"), "Runs."),
                 "400": _problem("Bad status or limit."),
                 "401": UNAUTHORIZED,
+                "503": _unavailable(),
             },
         },
     },
@@ -291,6 +297,7 @@ PATHS: dict[str, Any] = {
                 "400": BAD_ID,
                 "401": UNAUTHORIZED,
                 "404": _problem("No such run."),
+                "503": _unavailable(),
             },
         }
     },
@@ -305,6 +312,7 @@ PATHS: dict[str, Any] = {
                 "401": UNAUTHORIZED,
                 "404": _problem("No such run."),
                 "409": _problem("The run is not active here (see run_status)."),
+                "503": _unavailable(),
             },
         }
     },
@@ -325,6 +333,7 @@ PATHS: dict[str, Any] = {
                 "400": BAD_ID,
                 "401": UNAUTHORIZED,
                 "404": _problem("No such user in the results."),
+                "503": _unavailable(),
             },
         }
     },
