@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import math
+import os
 import shutil
+import signal
+import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -110,11 +114,32 @@ def make_executor(workers: int) -> Executor:
     """Worker processes for real parallelism; one thread when asked for one worker."""
     if workers <= 1:
         return ThreadPoolExecutor(max_workers=1, thread_name_prefix="etl-worker")
-    executor = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("forkserver"))
+    # Spawned (not forked from a fork server) so each worker's parent is this process,
+    # which lets the kernel kill the workers if this process is killed (see below).
+    executor = ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=get_context("spawn"),
+        initializer=die_with_parent,
+        initargs=(os.getpid(),),
+    )
     for _ in range(workers):
         executor.submit(int)  # start the workers now rather than on a run's clock
     return executor
 
+
+def die_with_parent(parent: int) -> None:
+    """Worker initializer: end with the parent, even when it is SIGKILLed.
+
+    A worker blocked writing a result to a parent that died would otherwise live on.
+    """
+    if sys.platform == "linux":
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
+PR_SET_PDEATHSIG = 1
 
 Finalize = Callable[[Connection, RunStats], Awaitable[None]]
 

@@ -15,13 +15,16 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aiohttp
 import asyncpg
+import psutil  # type: ignore[import-untyped]
 import pytest
 from test_web_support import Serve, problem, wait_for
 
+from service.db import sql
 from service.logs import JsonFormatter
 from service.settings import Settings
 
@@ -207,9 +210,10 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-async def test_sigterm_cancels_the_active_run_and_exits_zero(
-    settings: Settings, big_dataset: Path, tmp_path: Path
-) -> None:
+async def serve_a_running_run(
+    settings: Settings, big_dataset: Path, log_path: Path
+) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
+    """``experiment-etl serve`` in a subprocess with a long run going; the process and run."""
     port = free_port()
     env = {
         **os.environ,
@@ -220,7 +224,6 @@ async def test_sigterm_cancels_the_active_run_and_exits_zero(
         "ETL_WORKERS": "2",
         "ETL_API_TOKEN": "",
     }
-    log_path = tmp_path / "serve.log"
     process = start_server(port, env, log_path)
     try:
         async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as client:
@@ -235,6 +238,57 @@ async def test_sigterm_cancels_the_active_run_and_exits_zero(
                 run = await response.json()
             running = await wait_for(client, run["id"], {"running", "succeeded", "failed"})  # type: ignore[arg-type]
             assert running["status"] == "running", running
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
+    return process, run
+
+
+async def test_sigkill_mid_run_is_marked_failed_at_restart_and_the_next_run_succeeds(
+    settings: Settings, big_dataset: Path, tmp_path: Path, serve: Serve
+) -> None:
+    process, run = await serve_a_running_run(settings, big_dataset, tmp_path / "serve.log")
+    workers = psutil.Process(process.pid).children(recursive=True)
+    assert workers, "the run's worker processes"
+    process.kill()
+    process.wait()
+    _, alive = psutil.wait_procs(workers, timeout=5)
+    assert not alive, f"workers outlived the killed server: {alive}"
+    conn = await asyncpg.connect(
+        settings.database_url, server_settings={"search_path": settings.db_schema or "public"}
+    )
+    try:
+        # PostgreSQL notices the dead client and frees its run lock within moments.
+        for _ in range(100):
+            if await conn.fetchval(sql.RUN_LOCK, run["id"]):
+                await conn.fetchval(sql.RUN_UNLOCK, run["id"])
+                break
+            await asyncio.sleep(0.1)
+        assert await conn.fetchval("SELECT status FROM etl_runs WHERE id = $1", run["id"]) in (
+            "running",
+            "queued",
+        )
+    finally:
+        await conn.close()
+
+    client = await serve()  # a new server on the same database (sample data)
+    async with client.get(f"/runs/{run['id']}") as response:
+        killed = await response.json()
+    assert killed["status"] == "failed"
+    assert "stopped unexpectedly" in killed["message"]
+    async with client.post("/runs") as response:
+        assert response.status == 202
+        again = await response.json()
+    assert (await wait_for(client, again["id"], {"succeeded", "failed"}))["status"] == "succeeded"
+
+
+async def test_sigterm_cancels_the_active_run_and_exits_zero(
+    settings: Settings, big_dataset: Path, tmp_path: Path
+) -> None:
+    log_path = tmp_path / "serve.log"
+    process, run = await serve_a_running_run(settings, big_dataset, log_path)
+    try:
         signalled = time.monotonic()
         process.send_signal(signal.SIGTERM)
         code = await asyncio.to_thread(process.wait, 10)
