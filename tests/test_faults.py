@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
+import psutil  # type: ignore[import-untyped]
 import pytest
 from badinput import (
     TABLES,
@@ -236,14 +237,20 @@ async def reruns_are_identical(
     settings: Settings, data: Path, admin: asyncpg.Connection, times: int
 ) -> None:
     first = None
-    for _ in range(times):
+    me = psutil.Process()
+    settled = 0  # RSS after two warm-up runs (pools, caches and imports in place)
+    for attempt in range(times):
         run = await run_once(settings, data)
         assert run["status"] == "succeeded", run
         current = await checksum(settings)
         first = first or current
         assert current == first
         await assert_clean(settings, admin)
+        if attempt == 1:
+            settled = me.memory_info().rss
     assert first is not None and first["experiment_counts"][0] == 3_000
+    grown = me.memory_info().rss - settled
+    assert grown < 32 * 2**20, f"memory grew by {grown / 2**20:.1f} MB over {times} reruns"
     assert len(await run_rows(settings)) == times
 
 
