@@ -381,13 +381,14 @@ class Pipeline:
         experiments: int,
         compounds: Compounds,
     ) -> None:
+        details = {cid: (c.name, c.structure) for cid, c in compounds.by_id.items()}
         pending = [
             self._call(
                 aggregate_partition,
                 [workdir / f"users-{p:04d}.pkl"],
                 [workdir / f"{prefix}-{p:04d}.txt" for prefix in self.exp_prefixes],
                 experiments,
-                compounds.by_id,
+                details,
             )
             for p in range(partitions)
         ]

@@ -17,7 +17,7 @@ from collections import Counter
 # Counter's own C counting loop, without Counter.__init__'s Python-level dispatch: one
 # small tally per user made that dispatch ~10% of phase 2.
 from collections import _count_elements as count_into  # type: ignore[attr-defined]
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from itertools import accumulate, chain, repeat
 from operator import truediv
 from pathlib import Path
@@ -30,7 +30,7 @@ from .features import (
     average_experiments,
     top_compound,
 )
-from .scan import Compound, read_spill
+from .scan import read_spill
 from .spill import read_lines
 
 
@@ -38,8 +38,13 @@ def aggregate_partition(
     user_spills: Sequence[Path],
     experiment_spills: Sequence[Path],
     total_experiments: int,
-    compounds: dict[int, Compound],
+    compounds: Mapping[int, tuple[str, str]],
 ) -> FeatureRows:
+    """Result rows of one partition; ``compounds`` maps an id to its name and structure.
+
+    Plain tuples, not ``Compound`` objects: the mapping is pickled for every partition,
+    and 10k dataclasses took ~12 ms each way, tuples ~2.5 ms.
+    """
     names: dict[int, str] = {}
     for ids, user_names in read_spill(user_spills):
         names.update(zip(ids, user_names, strict=True))
@@ -78,6 +83,6 @@ def aggregate_partition(
         top = top_compound(tally)
         if top is not None:
             cid, count, ties = top
-            compound = compounds[cid]
-            tops.append((uid, cid, compound.name, compound.structure, count, ties))
+            name, structure = compounds[cid]
+            tops.append((uid, cid, name, structure, count, ties))
     return FeatureRows(counts, averages, tops)
