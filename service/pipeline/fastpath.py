@@ -30,11 +30,16 @@ def eligible(plan: FilePlan) -> bool:
 
 
 def experiment_block(
-    data: bytes, known: dict[str, int], users: IdSet | Referenced, seen: IdSet
+    data: bytes,
+    known: dict[str, int],
+    users: IdSet | Referenced,
+    seen: IdSet,
+    limit: int | None = None,
 ) -> tuple[list[str], list[int]] | None:
     """(spill lines, user ids) when every row of the block is valid, else None.
 
     On success the experiment ids are added to ``seen``; on None nothing changed.
+    ``limit`` is ``fields.id_limit(known)``, computed once per file rather than per block.
     """
     if b"\r" in data:
         data = data.replace(b"\r\n", b"\n")
@@ -56,7 +61,7 @@ def experiment_block(
         uids is None
         or _non_canonical(user_text)
         or run_times_column(flat[3::4]) is None
-        or not compound_lists_known(flat[2::4], known)
+        or not compound_lists_known(flat[2::4], known, limit)
         or not users.contains_all(uids)
     ):
         return None

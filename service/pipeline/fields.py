@@ -95,10 +95,63 @@ def run_times_column(column: Sequence[str]) -> list[float] | None:
     return times
 
 
-def compound_lists_known(column: Sequence[str], known: dict[str, int]) -> bool:
-    """True when every list in a stripped column only names canonical known ids."""
+def compound_lists_known(
+    column: Sequence[str], known: dict[str, int], limit: int | None = None
+) -> bool:
+    """True when every list in a stripped column only names canonical known ids.
+
+    ``limit`` (see ``id_limit``) says the known ids are exactly 1 to ``limit``: then most
+    columns are proven in a few passes over the joined text, without splitting it.
+    """
     joined = ";".join(filter(None, column))
-    return not joined or all(map(known.__contains__, set(joined.split(";"))))
+    if not joined or (limit is not None and _short_ids(joined, limit)):
+        return True
+    return all(map(known.__contains__, set(joined.split(";"))))
+
+
+def id_limit(known: dict[str, int]) -> int | None:
+    """``n`` when the known ids are exactly the canonical texts of 1 to ``n`` and at most a
+    tenth of them are as long as ``n`` (10000 is, 2000 is not), else None.
+
+    Only those long ids are compared one by one in ``compound_lists_known``; where many
+    are, splitting the column is the cheaper check.
+    """
+    n = len(known)
+    long_ids = n - 10 ** (len(str(n)) - 1) + 1
+    if n and long_ids * 10 <= n and all(map(known.__contains__, map(str, range(1, n + 1)))):
+        return n
+    return None
+
+
+_NINES = bytes.maketrans(b"0123456789", b"9" * 10)
+_FEW = 1000  # ids as long as the limit that are compared one by one before splitting
+
+
+def _short_ids(joined: str, limit: int) -> bool:
+    """True when every ``;``-separated token is a canonical id from 1 to ``limit``.
+
+    Digits only, none empty, none starting with 0 (so at least 1): then an id with
+    fewer digits than ``limit`` is below it, and only the few as long as it are compared.
+    False means "look closer", not "unknown".
+    """
+    if not joined.isascii():
+        return False
+    raw = joined.encode("ascii")
+    if raw.translate(None, b"0123456789;"):
+        return False
+    if raw[:1] in b";0" or raw.endswith(b";") or b";;" in raw or b";0" in raw:
+        return False
+    top = str(limit).encode("ascii")
+    width, nines = len(top), raw.translate(_NINES)
+    run = b"9" * width
+    if run + b"9" in nines or nines.count(run) > _FEW:
+        return False
+    at = nines.find(run)
+    while at >= 0:  # each run is one whole id: none is longer
+        if raw[at : at + width] > top:
+            return False
+        at = nines.find(run, at + width)
+    return True
 
 
 class IdSet:

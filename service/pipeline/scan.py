@@ -36,6 +36,7 @@ from .fields import (
     IdSpan,
     Referenced,
     compound_lists_known,
+    id_limit,
     ids_column,
     parse_compound_list,
     parse_id,
@@ -339,9 +340,10 @@ def _experiment_batches(
     first = plan.header_line + 1 if start is None else 1
     shift = 0 if start is not None else plan.header_line
     blocks = raw_blocks(plan.path, plan.name, begin, stop, min(block, fastpath.BLOCK), first)
+    limit = id_limit(context.compounds)
     for data, line_no in blocks:
         assert context.users is not None
-        taken = fastpath.experiment_block(data, context.compounds, context.users, result.ids)
+        taken = fastpath.experiment_block(data, context.compounds, context.users, result.ids, limit)
         if taken is None:
             yield block_batch(plan, data, line_no)
             continue
