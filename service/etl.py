@@ -31,7 +31,7 @@ from typing import Any, Literal, ParamSpec, TypeVar
 
 from .db.database import Connection, Pool
 from .db.load import StagedLoad
-from .pipeline.aggregate import aggregate_partition
+from .pipeline.aggregate import aggregate_spilled, write_compound_details
 from .pipeline.csvfile import split_ranges
 from .pipeline.errors import ErrorLog, FileError, InputError, RowError
 from .pipeline.features import FeatureRows, global_average
@@ -382,13 +382,15 @@ class Pipeline:
         compounds: Compounds,
     ) -> None:
         details = {cid: (c.name, c.structure) for cid, c in compounds.by_id.items()}
+        details_file = workdir / "compounds.pkl"
+        await asyncio.to_thread(write_compound_details, details_file, details)
         pending = [
             self._call(
-                aggregate_partition,
+                aggregate_spilled,
                 [workdir / f"users-{p:04d}.pkl"],
                 [workdir / f"{prefix}-{p:04d}.txt" for prefix in self.exp_prefixes],
                 experiments,
-                details,
+                details_file,
             )
             for p in range(partitions)
         ]
