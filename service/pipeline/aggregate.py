@@ -32,8 +32,7 @@ from .features import (
     average_experiments,
     top_compound,
 )
-from .scan import read_spill
-from .spill import read_lines
+from .spill import read_columns, read_lines
 
 
 def aggregate_partition(
@@ -48,7 +47,7 @@ def aggregate_partition(
     and 10k dataclasses took ~12 ms each way, tuples ~2.5 ms.
     """
     names: dict[int, str] = {}
-    for ids, user_names in read_spill(user_spills):
+    for ids, user_names in read_columns(user_spills):
         names.update(zip(ids, user_names, strict=True))
     lines = read_lines(experiment_spills).split("\n")
     lines.pop()

@@ -9,14 +9,9 @@ is also where every error message comes from.
 
 from __future__ import annotations
 
-import pickle
-from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from itertools import repeat
 from pathlib import Path
-from typing import BinaryIO
 
 from . import fastpath
 from .csvfile import (
@@ -43,7 +38,7 @@ from .fields import (
     parse_run_time,
     run_times_column,
 )
-from .spill import LineSpill
+from .spill import ColumnSpill, LineSpill
 
 
 @dataclass(frozen=True)
@@ -135,49 +130,6 @@ def scan_compounds(plan: FilePlan, log: ErrorLog, block: int = 8 << 20) -> Compo
     return compounds
 
 
-class Spill:
-    """Per-partition files of pickled column batches."""
-
-    def __init__(self, directory: Path, prefix: str, partitions: int) -> None:
-        self.paths = [directory / f"{prefix}-{p:04d}.pkl" for p in range(partitions)]
-        self._stack = ExitStack()
-        self._files: list[BinaryIO] = []
-
-    def __enter__(self) -> Spill:
-        self._files = [self._stack.enter_context(p.open("wb")) for p in self.paths]
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stack.close()
-
-    def write(self, keys: Sequence[int], *columns: Sequence[object]) -> None:
-        """Route row ``i`` (``keys[i]`` and each ``column[i]``) to partition ``keys[i] % n``."""
-        n = len(self._files)
-        if n == 1:
-            pickle.dump((list(keys), *map(list, columns)), self._files[0], protocol=5)
-            return
-        parts: list[list[list[object]]] = [[[] for _ in range(len(columns) + 1)] for _ in range(n)]
-        targets = list(map(int.__mod__, keys, repeat(n)))
-        for c, column in enumerate((keys, *columns)):
-            lists = [bucket[c] for bucket in parts]
-            deque(map(list.append, map(lists.__getitem__, targets), column), maxlen=0)
-        for f, bucket in zip(self._files, parts, strict=True):
-            if bucket[0]:
-                pickle.dump(tuple(bucket), f, protocol=5)
-
-
-def read_spill(paths: Sequence[Path]) -> Iterator[tuple[list, ...]]:  # type: ignore[type-arg]
-    for path in paths:
-        if not path.exists():
-            continue
-        with path.open("rb") as f:
-            while True:
-                try:
-                    yield pickle.load(f)
-                except EOFError:
-                    break
-
-
 def scan_users(
     plan: FilePlan, spill_dir: Path, partitions: int, block: int = 8 << 20
 ) -> ScanResult:
@@ -185,7 +137,7 @@ def scan_users(
     log = ErrorLog()
     result = ScanResult()
     col_id, col_name = plan.columns["user_id"], plan.columns["name"]
-    with Spill(spill_dir, "users", partitions) as spill:
+    with ColumnSpill(spill_dir, "users", partitions) as spill:
         for batch in _user_batches(plan, block, result, spill):
             if batch is None:
                 continue  # taken by the fast path
@@ -200,7 +152,7 @@ def scan_users(
 
 
 def _user_batches(
-    plan: FilePlan, block: int, result: ScanResult, spill: Spill
+    plan: FilePlan, block: int, result: ScanResult, spill: ColumnSpill
 ) -> Iterator[Batch | None]:
     """Blocks the fast path takes are spilled here (None); the others come as batches."""
     if not plan.splittable():
