@@ -82,10 +82,30 @@ def _add_ids(column: list[str], seen: IdSet) -> bool:
     first = column[0]
     if first.isdigit() and (first == "0" or first[0] != "0") and len(first) < 19:
         start = int(first)
-        if ",".join(column) == ",".join(map(str, range(start, start + len(column)))):
+        if ",".join(column) == range_text(start, start + len(column)):
             return seen.add_range(start, len(column))
     ids = ids_column(column)
     return ids is not None and seen.add_new(ids)
+
+
+_THOUSAND = ",".join(f"{i:03d}" for i in range(1000))  # "000,001,...,999"
+
+
+def range_text(start: int, stop: int) -> str:
+    """``",".join(map(str, range(start, stop)))``, whole thousands without a ``str()`` each.
+
+    Ids ``p000`` to ``p999`` are one ``replace`` of a template: ~0.5 instead of ~4.5 ms
+    per 1 MB block (35k ids), ~10% of the fast path's time.
+    """
+    low = max(-(-start // 1000), 1)  # the first whole thousand, never the one with no prefix
+    high = stop // 1000
+    if low >= high:
+        return ",".join(map(str, range(start, stop)))
+    parts = [",".join(map(str, range(start, low * 1000)))] if start < low * 1000 else []
+    parts += (f"{p}" + _THOUSAND.replace(",", f",{p}") for p in range(low, high))
+    if high * 1000 < stop:
+        parts.append(",".join(map(str, range(high * 1000, stop))))
+    return ",".join(parts)
 
 
 def _non_canonical(ids: list[str]) -> bool:
