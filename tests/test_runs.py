@@ -6,7 +6,7 @@ import os
 import socket
 from pathlib import Path
 
-import asyncpg
+from badinput import run_rows, snapshot
 from click.testing import CliRunner
 
 from service.cli import main
@@ -14,30 +14,9 @@ from service.etl import RunOptions
 from service.jobs import run_once
 from service.settings import Settings
 
-TABLES = ("experiment_counts", "experiment_averages", "top_compounds")
-
-
-async def snapshot(settings: Settings) -> dict[str, list[tuple[object, ...]]]:
-    conn = await asyncpg.connect(
-        settings.database_url, server_settings={"search_path": settings.db_schema or "public"}
-    )
-    try:
-        return {
-            t: [tuple(r) for r in await conn.fetch(f"SELECT * FROM {t} ORDER BY user_id")]
-            for t in TABLES
-        }
-    finally:
-        await conn.close()
-
 
 async def runs(settings: Settings) -> list[tuple[int, str]]:
-    conn = await asyncpg.connect(
-        settings.database_url, server_settings={"search_path": settings.db_schema or "public"}
-    )
-    try:
-        return [tuple(r) for r in await conn.fetch("SELECT id, status FROM etl_runs ORDER BY id")]
-    finally:
-        await conn.close()
+    return [(r["id"], r["status"]) for r in await run_rows(settings)]
 
 
 def rewrite(path: Path, old: str, new: str) -> None:

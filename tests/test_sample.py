@@ -6,19 +6,15 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from badinput import connect
 
 from service.jobs import run_once
 from service.settings import Settings
 
 
 async def fetch_table(settings: Settings, table: str) -> dict[int, asyncpg.Record]:
-    conn = await asyncpg.connect(
-        settings.database_url, server_settings={"search_path": settings.db_schema or "public"}
-    )
-    try:
+    async with connect(settings) as conn:
         return {r["user_id"]: r for r in await conn.fetch(f"SELECT * FROM {table}")}
-    finally:
-        await conn.close()
 
 
 async def test_sample_data_gives_documented_features(settings: Settings, sample_dir: Path) -> None:
