@@ -14,15 +14,12 @@ from __future__ import annotations
 import math
 import pickle
 from collections import Counter
-
-# Counter's own C counting loop, without Counter.__init__'s Python-level dispatch: one
-# small tally per user made that dispatch ~10% of phase 2.
-from collections import _count_elements as count_into  # type: ignore[attr-defined]
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 from itertools import accumulate, chain, repeat
 from operator import truediv
 from pathlib import Path
+from typing import Any
 
 from .features import (
     AverageRow,
@@ -33,6 +30,17 @@ from .features import (
     top_compound,
 )
 from .spill import read_columns, read_lines
+
+# Counter's own C counting loop, without Counter.__init__'s Python-level dispatch: one
+# small tally per user made that dispatch ~10% of phase 2. It is a private CPython helper
+# (there since 3.2), so a plain loop stands in where it is missing.
+try:
+    from collections import _count_elements as count_into  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover
+
+    def count_into(mapping: dict[Any, int], items: Iterable[Any]) -> None:
+        for item in items:
+            mapping[item] = mapping.get(item, 0) + 1
 
 
 def aggregate_partition(
