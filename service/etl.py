@@ -33,7 +33,7 @@ from .db.database import Connection, Pool
 from .db.load import StagedLoad
 from .pipeline.aggregate import aggregate_spilled, write_compound_details
 from .pipeline.csvfile import split_ranges
-from .pipeline.errors import ErrorLog, FileError, InputError, RowError
+from .pipeline.errors import ErrorLog, FileError, InputError
 from .pipeline.features import FeatureRows, global_average
 from .pipeline.fields import any_overlap
 from .pipeline.plan import InputPlan, plan_inputs
@@ -455,10 +455,6 @@ class _Guarded:
             return self.fn(*args)
         except FileError as exc:
             return ScanResult(errors=[exc.error], error_total=1, fatal=True)
-
-
-def describe_errors(errors: list[RowError]) -> list[dict[str, object]]:
-    return [e.to_dict() for e in errors]
 
 
 @contextlib.contextmanager

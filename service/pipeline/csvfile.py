@@ -10,7 +10,6 @@ without quotes be split into byte ranges and parsed by several processes at once
 from __future__ import annotations
 
 import csv
-import os
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -471,7 +470,3 @@ def count_fields_error(
     trailing = got == want + 1 and last is not None and not last.strip()
     hint = " (a trailing delimiter?)" if trailing else ""
     return RowError(name, line, min(got, want) + 1, f"expected {want} fields, found {got}{hint}")
-
-
-def file_size(path: Path) -> int:
-    return os.stat(path).st_size
