@@ -11,13 +11,11 @@ only the top compound takes a Python step per user.
 
 from __future__ import annotations
 
-import math
 import pickle
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 from itertools import accumulate, chain, repeat
-from operator import truediv
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ from .features import (
     FeatureRows,
     TopRow,
     average_experiments,
+    average_run_time,
     top_compound,
 )
 from .spill import read_columns, read_lines
@@ -72,15 +71,17 @@ def aggregate_partition(
     spans = list(map(slice, chain((0,), ends), ends))
     known = list(map(names.__getitem__, uids))
     shares = map(average_experiments, ns, repeat(total_experiments))
-    sums = map(math.fsum, map(map, repeat(float), map(times.__getitem__, spans)))
-    means = map(truediv, sums, ns)
+    means = map(average_run_time, map(map, repeat(float), map(times.__getitem__, spans)), ns)
     counts: list[CountRow] = list(zip(uids, known, ns, strict=True))
     averages: list[AverageRow] = list(zip(uids, known, shares, means, strict=True))
     idle = sorted(names.keys() - set(uids))
     idle_names = list(map(names.__getitem__, idle))
     counts += zip(idle, idle_names, repeat(0))
     averages += zip(
-        idle, idle_names, repeat(average_experiments(0, total_experiments)), repeat(None)
+        idle,
+        idle_names,
+        repeat(average_experiments(0, total_experiments)),
+        repeat(average_run_time((), 0)),
     )
     tops: list[TopRow] = []
     split, semicolons = str.split, repeat(";")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 CountRow = tuple[int, str, int]  # user_id, name, experiment_count
@@ -25,9 +25,12 @@ def average_experiments(count: int, total: int) -> float:
     return count / total if total else 0.0
 
 
-def average_run_time(run_times: list[float]) -> float | None:
-    """Mean run time, exactly rounded whatever the order the times arrived in."""
-    return math.fsum(run_times) / len(run_times) if run_times else None
+def average_run_time(run_times: Iterable[float], count: int) -> float | None:
+    """Mean of a user's ``count`` run times (None without experiments).
+
+    ``fsum`` rounds exactly, so the mean does not depend on the order the times arrived in.
+    """
+    return math.fsum(run_times) / count if count else None
 
 
 def top_compound(counts: Mapping[int, int] | Mapping[str, int]) -> tuple[int, int, int] | None:
