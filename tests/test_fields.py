@@ -5,7 +5,13 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.pipeline.fields import compound_lists_known, id_limit
+from service.pipeline.fields import (
+    WHOLE_DIGITS,
+    compound_lists_known,
+    id_limit,
+    parse_run_time,
+    whole_run_times,
+)
 
 TOKENS = ["1", "9", "0", "01", "10", "99", "100", "999", "2000", "9999", "10000", "10001"]
 FIELD = st.lists(st.sampled_from([*TOKENS, "", ";", "a", " ", "é", "1.5"]), max_size=4).map("".join)
@@ -30,3 +36,18 @@ def test_id_limit_only_for_ids_one_to_n_with_few_as_long_as_n() -> None:
     assert id_limit({"1": 1, "3": 3}) is None
     assert id_limit({"01": 1}) is None
     assert id_limit({}) is None
+
+
+RUN_TIME = st.one_of(
+    st.text("0123456789", max_size=4),
+    st.text("0123456789", min_size=300, max_size=310),
+    st.sampled_from(["1.5", "1.", ".5", ".", "1e5", "-1", "٣", "1_0", " 1", "inf"]),
+)
+
+
+@given(st.lists(RUN_TIME, max_size=5))
+def test_whole_run_times_only_accepts_what_parse_run_time_accepts(column: list[str]) -> None:
+    if whole_run_times(column):
+        assert all(parse_run_time(t) == float(t) for t in column)
+    plain = all(t.isascii() and t.isdigit() and len(t) <= WHOLE_DIGITS for t in column)
+    assert whole_run_times(column) == plain

@@ -11,7 +11,14 @@ import re
 from itertools import repeat
 
 from .csvfile import FIELD_LIMIT, FilePlan
-from .fields import IdSet, Referenced, compound_lists_known, ids_column, run_times_column
+from .fields import (
+    IdSet,
+    Referenced,
+    compound_lists_known,
+    ids_column,
+    run_times_column,
+    whole_run_times,
+)
 
 BLOCK = 1 << 20  # bytes per block: a block's split fields cost ~20x its size in memory
 ORDER = ("experiment_id", "user_id", "experiment_compound_ids", "experiment_run_time")
@@ -60,7 +67,7 @@ def experiment_block(
     if (
         uids is None
         or _non_canonical(user_text)
-        or run_times_column(flat[3::4]) is None
+        or not _run_times_valid(flat[3::4])
         or not compound_lists_known(flat[2::4], known, limit)
         or not users.contains_all(uids)
     ):
@@ -71,6 +78,10 @@ def experiment_block(
     if not _add_ids(flat[0::4], seen):
         return None
     return lines, uids
+
+
+def _run_times_valid(column: list[str]) -> bool:
+    return whole_run_times(column) or run_times_column(column) is not None
 
 
 def _add_ids(column: list[str], seen: IdSet) -> bool:

@@ -82,6 +82,24 @@ def ids_column(column: Sequence[str]) -> list[int] | None:
     return ids
 
 
+WHOLE_DIGITS = 300  # a whole number this long is far below float's ~1.8e308: finite
+
+
+def whole_run_times(column: Sequence[str]) -> bool:
+    """True when every run time is a whole number: 1 to ``WHOLE_DIGITS`` ASCII digits.
+
+    ``parse_run_time`` accepts all of these, so such a column is proven valid without a
+    ``float()`` per field (~8 of a 1 MB block's ~45 ms); False means "look closer".
+    """
+    joined = "".join(column)
+    return not column or (
+        joined.isascii()
+        and joined.isdigit()
+        and all(column)
+        and max(map(len, column), default=0) <= WHOLE_DIGITS
+    )
+
+
 def run_times_column(column: Sequence[str]) -> list[float] | None:
     joined = "".join(column)
     if not joined.isascii() or "_" in joined:
