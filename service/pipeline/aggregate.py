@@ -11,11 +11,13 @@ only the top compound takes a Python step per user.
 
 from __future__ import annotations
 
+import json
 import pickle
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from functools import lru_cache
 from itertools import accumulate, chain, repeat
+from operator import sub
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +73,7 @@ def aggregate_partition(
     spans = list(map(slice, chain((0,), ends), ends))
     known = list(map(names.__getitem__, uids))
     shares = map(average_experiments, ns, repeat(total_experiments))
-    means = map(average_run_time, map(map, repeat(float), map(times.__getitem__, spans)), ns)
+    means = _mean_run_times(times, ends, spans, ns)
     counts: list[CountRow] = list(zip(uids, known, ns, strict=True))
     averages: list[AverageRow] = list(zip(uids, known, shares, means, strict=True))
     idle = sorted(names.keys() - set(uids))
@@ -96,6 +98,31 @@ def aggregate_partition(
             name, structure = compounds[cid]
             tops.append((uid, cid, name, structure, count, ties))
     return FeatureRows(counts, averages, tops)
+
+
+EXACT = 2**53  # integers below this are floats exactly
+
+
+def _mean_run_times(
+    times: list[str], ends: list[int], spans: list[slice], ns: list[int]
+) -> Iterator[float | None]:
+    """Each user's ``average_run_time``; user i's run times are ``times[spans[i]]``.
+
+    Run times are usually whole numbers. Then a user's total, the difference of two
+    integer prefix sums, is exact; below 2**53 it is also what ``fsum`` of the floats
+    gives, so the rule is applied to that one total instead of to each time. ``json``
+    reads the whole column in one C call (~3 ms per 67k, ``int()`` each ~6 ms); a time
+    it reads as a float ("1.5") or cannot read ("007") sends the column the plain way.
+    """
+    try:
+        totals = list(accumulate(json.loads(f"[{','.join(times)}]"), initial=0))
+    except ValueError:
+        totals = [0.0]
+    if type(totals[-1]) is int and totals[-1] < EXACT:
+        starts = map(totals.__getitem__, chain((0,), ends))
+        sums = map(sub, map(totals.__getitem__, ends), starts)
+        return map(average_run_time, zip(sums), ns)
+    return map(average_run_time, map(map, repeat(float), map(times.__getitem__, spans)), ns)
 
 
 def aggregate_spilled(
