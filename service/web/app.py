@@ -57,7 +57,7 @@ async def database(app: web.Application) -> AsyncIterator[None]:
 
 
 async def executor(app: web.Application) -> AsyncIterator[None]:
-    app[EXECUTOR] = make_executor(app[SETTINGS].workers)
+    app[EXECUTOR] = await asyncio.to_thread(make_executor, app[SETTINGS].workers)
     yield
     await asyncio.to_thread(app[EXECUTOR].shutdown, wait=True, cancel_futures=True)
 
