@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import gc
 import logging
 import math
 import os
@@ -25,7 +26,7 @@ from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPool
 from concurrent.futures import wait as wait_futures
 from dataclasses import asdict, dataclass, field
 from functools import partial
-from multiprocessing import get_context
+from multiprocessing import get_context, parent_process
 from pathlib import Path
 from typing import Any, Literal, ParamSpec, TypeVar
 
@@ -142,6 +143,23 @@ def die_with_parent(parent: int) -> None:
 
 PR_SET_PDEATHSIG = 1
 
+
+def _task(call: Callable[[], T]) -> T:
+    """Run one task; in a worker process, with the cyclic garbage collector paused.
+
+    A task allocates millions of acyclic containers (rows, lists, sets), and the
+    collections they trigger re-scan the partition's big lists each time: ~7% of phase
+    2. Collection resumes between tasks. A thread worker shares the server's process,
+    so there the collector is left alone.
+    """
+    if parent_process() is None:
+        return call()
+    gc.disable()
+    try:
+        return call()
+    finally:
+        gc.enable()
+
 Finalize = Callable[[Connection, RunStats], Awaitable[None]]
 
 
@@ -172,7 +190,7 @@ class Pipeline:
         self._ranges: list[ScanResult] = []
 
     async def _call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        future = self.executor.submit(partial(fn, *args, **kwargs))
+        future = self.executor.submit(partial(_task, partial(fn, *args, **kwargs)))
         self._in_flight.add(future)
         future.add_done_callback(self._in_flight.discard)
         return await asyncio.wrap_future(future)

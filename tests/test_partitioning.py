@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import itertools
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 import pytest
@@ -87,3 +90,11 @@ async def test_cancelled_run_leaves_no_temporary_files(
             cancelled = await runner.cancel(run["id"])
     assert cancelled["status"] == "cancelled"
     assert list(settings.tmp_dir.iterdir()) == []
+
+
+def test_worker_tasks_pause_the_garbage_collector_and_resume_it() -> None:
+    """Paused for a task in a worker process, back on after it; threads keep it."""
+    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as one_worker:
+        assert one_worker.submit(etl._task, gc.isenabled).result() is False
+        assert one_worker.submit(gc.isenabled).result() is True
+    assert etl._task(gc.isenabled) is True  # this process, as a thread worker's
