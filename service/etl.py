@@ -160,6 +160,7 @@ def _task(call: Callable[[], T]) -> T:
     finally:
         gc.enable()
 
+
 Finalize = Callable[[Connection, RunStats], Awaitable[None]]
 
 

@@ -6,9 +6,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from service.pipeline.fields import (
+    BIGINT_MAX,
     WHOLE_DIGITS,
     compound_lists_known,
     id_limit,
+    ids_column,
+    parse_id,
     parse_run_time,
     whole_run_times,
 )
@@ -51,3 +54,18 @@ def test_whole_run_times_only_accepts_what_parse_run_time_accepts(column: list[s
         assert all(parse_run_time(t) == float(t) for t in column)
     plain = all(t.isascii() and t.isdigit() and len(t) <= WHOLE_DIGITS for t in column)
     assert whole_run_times(column) == plain
+
+
+ID_TEXT = st.one_of(
+    st.integers(0, 2**64).map(str),
+    st.sampled_from(["", "007", " 1", "1.0", "1_0", "+1", "-1", "٣", "1;2", "a"]),
+)
+
+
+@given(st.lists(ID_TEXT, max_size=5))
+def test_ids_column_only_accepts_what_parse_id_accepts(column: list[str]) -> None:
+    ids = ids_column(column)
+    plain = all(t.isascii() and t.isdigit() and int(t) <= BIGINT_MAX for t in column)
+    assert (ids is not None) == plain
+    if ids is not None:
+        assert ids == [parse_id(t) for t in column]

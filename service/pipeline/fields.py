@@ -71,7 +71,7 @@ def _show(value: str, limit: int = 40) -> str:
 def ids_column(column: Sequence[str]) -> list[int] | None:
     """All ids of a stripped column, or None when any of them needs a closer look."""
     joined = "".join(column)
-    if not (all(column) and joined.isascii() and joined.isdigit()):
+    if not (all(column) and _only(joined, DIGITS)):
         return None
     try:
         ids = list(map(int, column))
@@ -82,7 +82,18 @@ def ids_column(column: Sequence[str]) -> list[int] | None:
     return ids
 
 
+DIGITS = b"0123456789"
+_NINES = bytes.maketrans(DIGITS, b"9" * len(DIGITS))  # every digit to 9: runs show lengths
 WHOLE_DIGITS = 300  # a whole number this long is far below float's ~1.8e308: finite
+
+
+def _only(text: str, allowed: bytes) -> bool:
+    """True when ``text`` holds only ASCII characters from ``allowed``.
+
+    ``str.isascii`` is a flag check and a byte ``translate`` one C pass: ~10x faster
+    than ``str.isdigit``, which looks every character up in the Unicode tables.
+    """
+    return text.isascii() and not text.encode("ascii").translate(None, allowed)
 
 
 def whole_run_times(column: Sequence[str]) -> bool:
@@ -91,13 +102,10 @@ def whole_run_times(column: Sequence[str]) -> bool:
     ``parse_run_time`` accepts all of these, so such a column is proven valid without a
     ``float()`` per field (~8 of a 1 MB block's ~45 ms); False means "look closer".
     """
-    joined = "".join(column)
-    return not column or (
-        joined.isascii()
-        and joined.isdigit()
-        and all(column)
-        and max(map(len, column), default=0) <= WHOLE_DIGITS
-    )
+    joined = ",".join(column)
+    if not (all(column) and _only(joined, DIGITS + b",")):
+        return not column
+    return b"9" * (WHOLE_DIGITS + 1) not in joined.encode("ascii").translate(_NINES)
 
 
 def run_times_column(column: Sequence[str]) -> list[float] | None:
@@ -141,7 +149,6 @@ def id_limit(known: dict[str, int]) -> int | None:
     return None
 
 
-_NINES = bytes.maketrans(b"0123456789", b"9" * 10)
 _FEW = 1000  # ids as long as the limit that are compared one by one before splitting
 
 
