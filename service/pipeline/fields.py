@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import repeat
-from operator import sub
+from operator import getitem, setitem, sub
 
 BIGINT_MAX = 2**63 - 1
 
@@ -209,7 +209,7 @@ class IdSet:
 
     def contains_all(self, values: Sequence[int]) -> bool:
         if values and self.offset <= min(values) and max(values) < self.end:
-            return all(map(self.dense.__getitem__, self._indexes(values)))
+            return all(map(getitem, repeat(self.dense), self._indexes(values)))
         return all(map(self.__contains__, values))
 
     @property
@@ -239,9 +239,9 @@ class IdSet:
             return False
         self._cover(min(values), top)
         indexes = self._indexes(values)
-        if any(map(self.dense.__getitem__, indexes)):
+        if any(map(getitem, repeat(self.dense), indexes)):
             return False
-        deque(map(self.dense.__setitem__, indexes, repeat(1)), maxlen=0)
+        deque(map(setitem, repeat(self.dense), indexes, repeat(1)), maxlen=0)
         return True
 
     def add_range(self, start: int, count: int) -> bool:
@@ -261,7 +261,7 @@ class IdSet:
         """Add ids, whether or not they are there already."""
         if values and max(values) < self.DENSE_LIMIT:
             self._cover(min(values), max(values))
-            deque(map(self.dense.__setitem__, self._indexes(values), repeat(1)), maxlen=0)
+            deque(map(setitem, repeat(self.dense), self._indexes(values), repeat(1)), maxlen=0)
         else:
             deque(map(self.add, values), maxlen=0)
 

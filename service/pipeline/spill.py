@@ -13,6 +13,7 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from itertools import repeat
+from operator import mod
 from pathlib import Path
 from typing import Any, BinaryIO, Self, TypeVar
 
@@ -42,7 +43,8 @@ class PartitionFiles:
         if n == 1:
             return [list(column)]
         buckets: list[list[T]] = [[] for _ in range(n)]
-        targets = map(buckets.__getitem__, map(int.__mod__, keys, repeat(n)))
+        # operator.mod, not int.__mod__: a slot wrapper costs ~3x the division itself.
+        targets = map(buckets.__getitem__, map(mod, keys, repeat(n)))
         deque(map(list.append, targets, column), maxlen=0)
         return buckets
 
