@@ -189,6 +189,7 @@ class Pipeline:
         self.exp_prefixes: list[str] = []
         self._splits: list[tuple[int, int]] = []
         self._ranges: list[ScanResult] = []
+        self._exp_scans: list[ScanResult] = []  # the final scans, whose spills phase 2 reads
 
     async def _call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         future = self.executor.submit(partial(_task, partial(fn, *args, **kwargs)))
@@ -229,7 +230,7 @@ class Pipeline:
         self.progress.phase = "loading"
         self.progress.partitions_total = partitions
         async with StagedLoad(self.pool) as load:
-            await self._aggregate_into(load, workdir, partitions, experiments, compounds)
+            await self._aggregate_into(load, workdir, partitions, experiments, compounds, users)
             loaded = await load.finish()
             self.phases["aggregate_load"] = time.perf_counter() - mark
             stats = RunStats(
@@ -379,6 +380,7 @@ class Pipeline:
                     self._stop,
                 )
             ]
+        self._exp_scans = results
         shift = exp.header_line
         for result in results:
             self.fatal = self.fatal or result.fatal
@@ -400,6 +402,7 @@ class Pipeline:
         partitions: int,
         experiments: int,
         compounds: Compounds,
+        users: ScanResult,
     ) -> None:
         details = {cid: (c.name, c.structure) for cid, c in compounds.by_id.items()}
         details_file = workdir / "compounds.pkl"
@@ -407,8 +410,8 @@ class Pipeline:
         pending = [
             self._call(
                 aggregate_spilled,
-                [workdir / f"users-{p:04d}.pkl"],
-                [workdir / f"{prefix}-{p:04d}.txt" for prefix in self.exp_prefixes],
+                users.pieces[p],
+                [piece for scan in self._exp_scans for piece in scan.pieces[p]],
                 experiments,
                 details_file,
             )

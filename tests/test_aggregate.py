@@ -30,7 +30,9 @@ def test_mean_run_times_equal_fsum_of_the_floats(rows: list[tuple[int, str]]) ->
             users.write([1, 2, 3, 4, 5], ["a", "b", "c", "d", "e"])
         with LineSpill(directory, "exp", 1) as spill:
             spill.write_lines([u for u, _ in rows], [f"{u},1,{t}" for u, t in rows])
-        result = aggregate_partition(users.paths, spill.paths, max(len(rows), 1), {1: ("one", "C")})
+        result = aggregate_partition(
+            users.pieces[0], spill.pieces[0], max(len(rows), 1), {1: ("one", "C")}
+        )
     means = {uid: mean for uid, _, _, mean in result.averages}
     for uid in range(1, 6):
         mine = [float(t) for u, t in rows if u == uid]
@@ -45,5 +47,5 @@ def test_rounded_floats_are_summed_as_floats() -> None:
             users.write([1], ["a"])
         with LineSpill(directory, "exp", 1) as spill:
             spill.write_lines([1, 1, 1], [f"1,1,{2**53 + 1}"] * 3)
-        result = aggregate_partition(users.paths, spill.paths, 3, {1: ("one", "C")})
+        result = aggregate_partition(users.pieces[0], spill.pieces[0], 3, {1: ("one", "C")})
     assert result.averages == [(1, "a", 1.0, float(2**53))]

@@ -17,6 +17,7 @@ from service import etl
 from service.db.database import open_pool
 from service.generate import generate
 from service.jobs import Runner, directory_request, run_once
+from service.pipeline import spill
 from service.pipeline.csvfile import EXPERIMENTS, plan_file, split_ranges
 from service.settings import Settings
 
@@ -53,6 +54,8 @@ async def test_results_do_not_depend_on_the_split(
     chunk_bytes: int,
 ) -> None:
     monkeypatch.setattr(etl, "RANGE_BYTES", range_bytes)
+    # Many small pieces per partition (seen in this process: with one worker thread).
+    monkeypatch.setattr(spill, "PIECE_BYTES", 100)
     tuned = dataclasses.replace(
         settings, partitions=partitions, workers=workers, chunk_bytes=chunk_bytes
     )

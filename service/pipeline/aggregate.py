@@ -29,7 +29,7 @@ from .features import (
     average_run_time,
     top_compound,
 )
-from .spill import read_columns, read_lines
+from .spill import Piece, read_columns, read_lines
 
 # Counter's own C counting loop, without Counter.__init__'s Python-level dispatch: one
 # small tally per user made that dispatch ~10% of phase 2. It is a private CPython helper
@@ -44,8 +44,8 @@ except ImportError:  # pragma: no cover
 
 
 def aggregate_partition(
-    user_spills: Sequence[Path],
-    experiment_spills: Sequence[Path],
+    user_spills: Sequence[Piece],
+    experiment_spills: Sequence[Piece],
     total_experiments: int,
     compounds: Mapping[int, tuple[str, str]],
 ) -> FeatureRows:
@@ -130,8 +130,8 @@ def _mean_run_times(
 
 
 def aggregate_spilled(
-    user_spills: Sequence[Path],
-    experiment_spills: Sequence[Path],
+    user_spills: Sequence[Piece],
+    experiment_spills: Sequence[Piece],
     total_experiments: int,
     compounds_file: Path,
 ) -> FeatureRows:

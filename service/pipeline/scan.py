@@ -38,7 +38,7 @@ from .fields import (
     parse_run_time,
     run_times_column,
 )
-from .spill import ColumnSpill, LineSpill
+from .spill import ColumnSpill, LineSpill, Piece
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,7 @@ class ScanResult:
     span: IdSpan | None = None  # an experiments range's ids, compact for sending back
     users: IdSpan | None = None  # user ids referenced, when scanned before users.csv was read
     fatal: bool = False  # a file-level error stopped the scan
+    pieces: list[list[Piece]] = field(default_factory=list)  # spilled rows, by partition
 
 
 def _stripped(
@@ -148,6 +149,7 @@ def scan_users(
             spill.write(ids, [r[col_name] for r in rows])
             result.rows += len(ids)
     result.errors, result.error_total = log.errors, log.total
+    result.pieces = spill.pieces
     return result
 
 
@@ -268,6 +270,7 @@ def scan_experiments(
             spill.write_rows(uids, times, comps)
             result.rows += len(uids)
     result.errors, result.error_total = log.errors, log.total
+    result.pieces = spill.pieces
     result.span, result.ids = result.ids.span(), IdSet()
     if referenced is not None:
         result.users = referenced.ids.span()
