@@ -137,27 +137,31 @@ def compound_lists_known(
 
 def id_limit(known: dict[str, int]) -> int | None:
     """``n`` when the known ids are exactly the canonical texts of 1 to ``n`` and at most a
-    tenth of them are as long as ``n`` (10000 is, 2000 is not), else None.
+    tenth of them are as long as ``n`` and start with its first digit (2000 and 10000
+    qualify: one id each; 1500 does not), else None.
 
-    Only those long ids are compared one by one in ``compound_lists_known``; where many
-    are, splitting the column is the cheaper check.
+    Only those ids are compared one by one in ``compound_lists_known``; where many are,
+    splitting the column is the cheaper check.
     """
     n = len(known)
-    long_ids = n - 10 ** (len(str(n)) - 1) + 1
-    if n and long_ids * 10 <= n and all(map(known.__contains__, map(str, range(1, n + 1)))):
+    if not n:
+        return None
+    top = str(n)
+    compared = n - int(top[0]) * 10 ** (len(top) - 1) + 1
+    if compared * 10 <= n and all(map(known.__contains__, map(str, range(1, n + 1)))):
         return n
     return None
 
 
-_FEW = 1000  # ids as long as the limit that are compared one by one before splitting
+_FEW = 1000  # ids compared one by one before splitting is the cheaper check
 
 
 def _short_ids(joined: str, limit: int) -> bool:
     """True when every ``;``-separated token is a canonical id from 1 to ``limit``.
 
     Digits only, none empty, none starting with 0 (so at least 1): then an id with
-    fewer digits than ``limit`` is below it, and only the few as long as it are compared.
-    False means "look closer", not "unknown".
+    fewer digits than ``limit`` is below it, and so is one as long as it whose first
+    digit is smaller; only the few others are compared. False means "look closer".
     """
     if not joined.isascii():
         return False
@@ -167,8 +171,15 @@ def _short_ids(joined: str, limit: int) -> bool:
     if raw[:1] in b";0" or raw.endswith(b";") or b";;" in raw or b";0" in raw:
         return False
     top = str(limit).encode("ascii")
-    width, nines = len(top), raw.translate(_NINES)
-    run = b"9" * width
+    width, padded = len(top), b";" + raw
+    # Ids whose first digit is below the limit's get a "#" for it: as long as the limit
+    # they are below it, so the scan below skips them (3 of 4 digits are left); longer
+    # ones still show as a run behind a "#". At 2000 compounds that spares comparing
+    # 1000-1999 one by one, or splitting the column (~5 of a block's ~40 ms).
+    marked = padded
+    for digit in range(ord("1"), top[0]):
+        marked = marked.replace(bytes((ord(";"), digit)), b";#")
+    nines, run = marked.translate(_NINES), b"9" * width
     # One scan for runs as long as the limit's: on text that is mostly 9s each search
     # costs ~0.8 ms per 1 MB block, so longer ids and too many runs are caught here
     # rather than by their own passes. A run found from a ";" starts a whole id.
@@ -176,10 +187,14 @@ def _short_ids(joined: str, limit: int) -> bool:
     for _ in range(_FEW + 1):
         if at < 0:
             return True
-        if nines[at + width : at + width + 1] == b"9" or raw[at : at + width] > top:
-            return False  # longer than the limit, or as long and above it
+        if (
+            nines[at - 1 : at] == b"#"  # the rest of an id longer than the limit
+            or nines[at + width : at + width + 1] == b"9"  # longer than the limit
+            or padded[at : at + width] > top  # as long and above it
+        ):
+            return False
         at = nines.find(run, at + width)
-    return False  # more than _FEW ids as long as the limit: splitting is cheaper
+    return False  # more than _FEW ids to compare: splitting is cheaper
 
 
 class IdSet:
