@@ -87,7 +87,15 @@ def create_staging(table: str) -> str:
 
 
 def index_staging(table: str) -> str:
+    """The staging table's primary key, built once its rows are in.
+
+    The three tables' keys are built at once on three connections already; PostgreSQL's
+    parallel workers for each build on top only contend for the same cores (1M rows
+    each, 2 cores: 0.55 s without them, 0.7-0.8 s with). One simple query is one
+    transaction, so SET LOCAL holds for the build alone.
+    """
     return (
+        "SET LOCAL max_parallel_maintenance_workers = 0; "
         f"ALTER TABLE {staging(table)} ADD CONSTRAINT {staging(table)}_pkey PRIMARY KEY (user_id)"
     )
 
