@@ -253,11 +253,15 @@ class Pipeline:
                 await finalize(conn, stats)
 
             await load.commit(final, self.settings.lock_timeout)
-        # The stored stats were written inside the swap transaction, before its COMMIT;
-        # the returned ones cover the whole swap.
-        self.phases["commit"] = round(time.perf_counter() - mark, 3)
-        stats.duration_s = round(time.perf_counter() - started, 3)
-        self.progress.phase = "done"
+            # The stored stats were written inside the swap transaction, before its
+            # COMMIT; the returned ones cover the whole swap. The run is done there: the
+            # replaced tables are dropped after it, outside the swap's locks.
+            self.phases["commit"] = round(time.perf_counter() - mark, 3)
+            stats.duration_s = round(time.perf_counter() - started, 3)
+            self.progress.phase = "done"
+            mark = time.perf_counter()
+            await load.drop_retired(self.settings.lock_timeout)
+            self.phases["cleanup"] = round(time.perf_counter() - mark, 3)
         return stats
 
     async def _scan_inputs(

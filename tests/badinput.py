@@ -45,10 +45,12 @@ async def run_rows(settings: Settings) -> list[dict[str, Any]]:
     return [dict(r) for r in rows]
 
 
-async def staging_tables(settings: Settings) -> list[str]:
+async def scratch_tables(settings: Settings) -> list[str]:
+    """Staging tables, and result tables a swap replaced: a finished run leaves neither."""
     async with connect(settings) as conn:
         rows = await conn.fetch(
-            "SELECT tablename FROM pg_tables WHERE schemaname = $1 AND tablename LIKE '%staging%'",
+            "SELECT tablename FROM pg_tables WHERE schemaname = $1"
+            " AND (tablename LIKE '%staging' OR tablename LIKE '%retired')",
             settings.db_schema,
         )
     return [r["tablename"] for r in rows]

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from badinput import Tables, leftovers, replace, run_rows, snapshot, staging_tables
+from badinput import Tables, leftovers, replace, run_rows, scratch_tables, snapshot
 
 from service.etl import RunOptions
 from service.jobs import run_once
@@ -65,7 +65,7 @@ async def assert_failed_and_intact(base: Baseline, run: dict[str, Any]) -> None:
     assert json.loads(recorded[-1]["errors"]) == run["errors"]
     assert recorded[-1]["error_total"] == run["error_total"]
     assert recorded[-1]["message"] == run["message"]
-    assert await staging_tables(base.settings) == []
+    assert await scratch_tables(base.settings) == []
     assert leftovers(base.settings.tmp_dir) == []
 
 

@@ -25,8 +25,8 @@ from badinput import (
     leftovers,
     replace,
     run_rows,
+    scratch_tables,
     snapshot,
-    staging_tables,
 )
 
 from service.generate import generate
@@ -88,7 +88,7 @@ async def totals(settings: Settings) -> tuple[int, ...]:
 
 async def assert_clean(settings: Settings, admin: asyncpg.Connection) -> None:
     """No staging table, no spill file, and no connection of the runs left open."""
-    assert await staging_tables(settings) == []
+    assert await scratch_tables(settings) == []
     assert leftovers(settings.tmp_dir) == []
     for _ in range(50):  # a terminated backend takes a moment to leave pg_stat_activity
         if not await backends(admin, settings):

@@ -6,7 +6,7 @@ import os
 import socket
 from pathlib import Path
 
-from badinput import run_rows, snapshot
+from badinput import connect, run_rows, scratch_tables, snapshot
 from click.testing import CliRunner
 
 from service.cli import main
@@ -39,6 +39,20 @@ async def test_rerun_replaces_results_never_appends(settings: Settings, sample_d
     assert len(second["experiment_counts"]) == 10
     assert len(second["top_compounds"]) == 10
     assert await runs(settings) == [(1, "succeeded"), (2, "succeeded")]
+    assert await scratch_tables(settings) == []  # the replaced tables are dropped
+
+
+async def test_replaced_tables_left_by_a_dead_process_are_dropped(
+    settings: Settings, sample_dir: Path
+) -> None:
+    """A process that died between the swap and dropping the old tables left them."""
+    assert (await run_once(settings, sample_dir))["status"] == "succeeded"
+    async with connect(settings) as conn:
+        for table in ("experiment_counts", "top_compounds"):
+            await conn.execute(f"CREATE TABLE {table}_retired (LIKE {table})")
+    assert (await run_once(settings, sample_dir))["status"] == "succeeded"
+    assert await scratch_tables(settings) == []
+    assert len((await snapshot(settings))["experiment_counts"]) == 10
 
 
 async def test_failed_run_keeps_previous_results(settings: Settings, sample_dir: Path) -> None:

@@ -131,6 +131,20 @@ class StagedLoad:
                     ) from exc
                 await asyncio.sleep(0.1 * attempt)
 
+    async def drop_retired(self, lock_timeout: float) -> None:
+        """Drop the tables the swap replaced; the new results are already committed.
+
+        A failure only leaves them for the next run to drop, so it is logged, not raised.
+        """
+        conn = self._conns[0]
+        try:
+            async with conn.transaction():
+                await conn.execute(f"SET LOCAL lock_timeout = '{int(lock_timeout * 1000)}ms'")
+                for table in sql.RESULT_TABLES:
+                    await conn.execute(sql.drop_retired(table))
+        except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
+            log.warning("replaced result tables left for the next run to drop: %s", exc)
+
     async def _abort(self) -> None:
         for stream in self.streams.values():
             if stream.task is not None and not stream.task.done():

@@ -79,9 +79,15 @@ def staging(table: str) -> str:
     return f"{table}_staging"
 
 
+def retired(table: str) -> str:
+    return f"{table}_retired"
+
+
 def create_staging(table: str) -> str:
+    """A fresh staging table; also drops what a process that died mid-run left behind."""
     return (
         f"DROP TABLE IF EXISTS {staging(table)}; "
+        f"DROP TABLE IF EXISTS {retired(table)}; "
         f"CREATE TABLE {staging(table)} (LIKE {table} INCLUDING DEFAULTS INCLUDING CONSTRAINTS)"
     )
 
@@ -105,12 +111,22 @@ def drop_staging(table: str) -> str:
 
 
 def swap(table: str) -> str:
-    """Replace a result table by its staging table (inside the caller's transaction)."""
+    """Put the staging table in the result table's place (inside the caller's transaction).
+
+    The old table is renamed, not dropped: dropping unlinks its files at COMMIT, which
+    for 1M users took ~50 ms of the swap's exclusive locks. ``drop_retired`` removes it
+    once the new results are committed.
+    """
     return (
-        f"DROP TABLE {table}; "
+        f"ALTER TABLE {table} RENAME TO {retired(table)}; "
+        f"ALTER INDEX {table}_pkey RENAME TO {retired(table)}_pkey; "
         f"ALTER TABLE {staging(table)} RENAME TO {table}; "
         f"ALTER INDEX {staging(table)}_pkey RENAME TO {table}_pkey"
     )
+
+
+def drop_retired(table: str) -> str:
+    return f"DROP TABLE IF EXISTS {retired(table)}"
 
 
 INSERT_RUN = """
