@@ -421,18 +421,22 @@ class Pipeline:
             )
             for p in range(partitions)
         ]
+        # Results are loaded as they come, not in partition order: waiting for the
+        # oldest task while a newer one had finished left a worker without work.
         window = max(2, self.settings.workers + 1)
-        running = [asyncio.ensure_future(c) for c in pending[:window]]
+        running = {asyncio.ensure_future(c) for c in pending[:window]}
         queue = pending[window:]
         try:
             while running:
-                rows: FeatureRows = await running.pop(0)
-                if queue:
-                    running.append(asyncio.ensure_future(queue.pop(0)))
-                await load.put("experiment_counts", rows.counts)
-                await load.put("experiment_averages", rows.averages)
-                await load.put("top_compounds", rows.tops)
-                self.progress.partitions_done += 1
+                done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    if queue:
+                        running.add(asyncio.ensure_future(queue.pop(0)))
+                    rows: FeatureRows = task.result()
+                    await load.put("experiment_counts", rows.counts)
+                    await load.put("experiment_averages", rows.averages)
+                    await load.put("top_compounds", rows.tops)
+                    self.progress.partitions_done += 1
         finally:
             for task in running:
                 task.cancel()
