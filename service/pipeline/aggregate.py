@@ -120,9 +120,9 @@ def _mean_run_times(
     """
     try:
         totals = list(accumulate(json.loads(f"[{','.join(times)}]"), initial=0))
-    except ValueError:
-        totals = [0.0]
-    if type(totals[-1]) is int and totals[-1] < EXACT:
+    except ValueError:  # not all plain JSON numbers ("007", "1.", "1e5" are not)
+        totals = []
+    if totals and type(totals[-1]) is int and totals[-1] < EXACT:
         starts = map(totals.__getitem__, chain((0,), ends))
         sums = map(sub, map(totals.__getitem__, ends), starts)
         return map(average_run_time, zip(sums), ns)
