@@ -120,7 +120,7 @@ def _mean_run_times(
     """
     try:
         totals = list(accumulate(json.loads(f"[{','.join(times)}]"), initial=0))
-    except ValueError:  # not all plain JSON numbers ("007", "1.", "1e5" are not)
+    except ValueError:  # not all JSON numbers: "007" and "1." are not ("1.5" reads as a float)
         totals = []
     if totals and type(totals[-1]) is int and totals[-1] < EXACT:
         starts = map(totals.__getitem__, chain((0,), ends))
