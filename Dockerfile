@@ -20,7 +20,7 @@ FROM python:3.11-slim-bookworm AS runtime
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    ETL_DATA_DIR=/app/data \
+    ETL_DATA_DIR=/data \
     ETL_HOST=0.0.0.0 \
     ETL_PORT=8080
 
@@ -33,8 +33,9 @@ RUN pip install --no-cache-dir --no-index --find-links=/tmp/wheels /tmp/wheels/*
     && rm -rf /tmp/wheels
 
 WORKDIR /app
-# The bundled sample dataset stays owned by root: the service only reads it.
-COPY data/ /app/data/
+# The bundled sample dataset, where the take-home's `docker run IMAGE -d /data ...` looks
+# (compose mounts ./data over it). It stays owned by root: the service only reads it.
+COPY data/ /data/
 
 # Numeric ids (the "etl" user created above) so Kubernetes runAsNonRoot can verify them.
 USER 10001:10001
@@ -46,4 +47,8 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
 
 STOPSIGNAL SIGTERM
 
-CMD ["experiment-etl", "serve", "--host", "0.0.0.0", "--port", "8080"]
+# service/entrypoint.py: no arguments or `serve` serve the API (on ETL_HOST:ETL_PORT);
+# arguments starting with a dash are `run` flags (`-d /data -db exampledb ...`): one ETL run,
+# exit 0 or 1; any other experiment-etl command (show, run, generate) runs as given.
+ENTRYPOINT ["python", "-m", "service.entrypoint"]
+CMD ["serve"]

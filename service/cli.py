@@ -9,11 +9,12 @@ import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import asyncpg
 import click
 from aiohttp import web
+from click.core import ParameterSource
 
 from .db import sql
 from .db.database import Pool, open_pool
@@ -28,22 +29,46 @@ F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
 
 
+# The original take-home's spelling of the database flags: `run` accepts them beside the
+# long forms (click reads a multi-letter flag after one dash, such as `-db`, as a long option).
+CHALLENGE_FLAGS = {
+    "db_name": "-db",
+    "db_host": "-hs",
+    "db_user": "-u",
+    "db_password": "-pass",
+    "db_port": "-p",
+}
+PARTS = ("db_host", "db_port", "db_user", "db_password", "db_name")
+
+
 def database_options(
-    *user_flags: str, host: str = "--host", port: str = "--port"
+    *user_flags: str, host: str = "--host", port: str = "--port", challenge: bool = False
 ) -> Callable[[F], F]:
-    """--database-url, or the seed's separate flags; neither means the embedded server."""
-    return lambda fn: _with_database_options(fn, user_flags or ("--user", "--db-user"), host, port)
+    """--database-url, or the seed's separate flags; neither means the embedded server.
+
+    ``challenge`` adds the take-home's short spellings (``-db -hs -u -pass -p``).
+    """
+    flags = {
+        "db_host": (host,),
+        "db_port": (port,),
+        "db_user": user_flags or ("--user", "--db-user"),
+        "db_password": ("--password",),
+        "db_name": ("--dbname",),
+    }
+    if challenge:
+        flags = {dest: (CHALLENGE_FLAGS[dest], *decls) for dest, decls in flags.items()}
+    return lambda fn: _with_database_options(fn, flags)
 
 
-def _with_database_options(fn: F, user_flags: tuple[str, ...], host: str, port: str) -> F:
+def _with_database_options(fn: F, flags: dict[str, tuple[str, ...]]) -> F:
     for option in reversed(
         [
             click.option("--database-url", envvar="DATABASE_URL", help="PostgreSQL URL."),
-            click.option(host, "db_host", help="Database host (instead of a URL)."),
-            click.option(port, "db_port", type=int, help="Database port."),
-            click.option(*user_flags, "db_user", help="Database user."),
-            click.option("--password", "db_password", help="Database password."),
-            click.option("--dbname", "db_name", help="Database name."),
+            click.option(*flags["db_host"], "db_host", help="Database host (instead of a URL)."),
+            click.option(*flags["db_port"], "db_port", type=int, help="Database port."),
+            click.option(*flags["db_user"], "db_user", help="Database user."),
+            click.option(*flags["db_password"], "db_password", help="Database password."),
+            click.option(*flags["db_name"], "db_name", help="Database name."),
             click.option("--schema", "db_schema", help="Schema for the tables."),
         ]
     ):
@@ -52,18 +77,53 @@ def _with_database_options(fn: F, user_flags: tuple[str, ...], host: str, port: 
 
 
 def build_settings(**flags: Any) -> Settings:
+    """Settings from the environment and the flags; the flags win.
+
+    The separate database flags override a ``DATABASE_URL`` from the environment; given
+    together with ``--database-url`` on the command line they are a usage error.
+    """
     settings = Settings.from_env()
     url = flags.pop("database_url", None)
-    parts = {
-        k: flags.pop(k, None) for k in ("db_host", "db_port", "db_user", "db_password", "db_name")
-    }
-    if url is None and any(v is not None for v in parts.values()):
-        user = quote(parts["db_user"] or "postgres", safe="")
-        password = f":{quote(parts['db_password'], safe='')}" if parts["db_password"] else ""
-        host = parts["db_host"] or "127.0.0.1"
-        port = parts["db_port"] or 5432
-        url = f"postgresql://{user}{password}@{host}:{port}/{quote(parts['db_name'] or 'postgres')}"
+    parts = {k: flags.pop(k, None) for k in PARTS}
+    given = [k for k, v in parts.items() if v is not None]
+    if given:
+        if url is not None and _on_command_line("database_url"):
+            raise click.UsageError(
+                f"--database-url cannot be combined with {_spelled(given)}: "
+                "give either the URL or the separate database flags"
+            )
+        url = database_url_from_parts(**parts)
     return settings.with_overrides(database_url=url, **flags)
+
+
+def database_url_from_parts(
+    db_host: str | None,
+    db_port: int | None,
+    db_user: str | None,
+    db_password: str | None,
+    db_name: str | None,
+) -> str:
+    """A URL from the separate flags; a host starting with / is a Unix socket directory."""
+    user = quote(db_user or "postgres", safe="")
+    password = f":{quote(db_password, safe='')}" if db_password else ""
+    host = db_host or "127.0.0.1"
+    port = db_port or 5432
+    name = quote(db_name or "postgres", safe="")
+    if host.startswith("/"):
+        return f"postgresql://{user}{password}@/{name}?{urlencode({'host': host, 'port': port})}"
+    return f"postgresql://{user}{password}@{host}:{port}/{name}"
+
+
+def _on_command_line(name: str) -> bool:
+    ctx = click.get_current_context(silent=True)
+    return ctx is None or ctx.get_parameter_source(name) is not ParameterSource.ENVIRONMENT
+
+
+def _spelled(names: list[str]) -> str:
+    """How --help spells the given parameters: ``-hs/--host, -db/--dbname``."""
+    ctx = click.get_current_context(silent=True)
+    params = {p.name: p for p in ctx.command.params} if ctx else {}
+    return ", ".join("/".join(params[n].opts) if n in params else n for n in names)
 
 
 def on_database(settings: Settings, work: Coroutine[Any, Any, T]) -> T:
@@ -94,14 +154,35 @@ def main(log_level: str | None) -> None:
 
 
 @main.command()
-@click.argument("data_dir", type=click.Path(path_type=Path), default=Path("data"))
-@database_options()
+@click.argument("data_dir", type=click.Path(path_type=Path), required=False)
+@click.option(
+    "-d",
+    "--data-dir",
+    "data_dir_flag",
+    type=click.Path(path_type=Path),
+    help="The data directory (instead of DATA_DIR).",
+)
+@database_options(challenge=True)
 @click.option("--on-error", type=click.Choice(["abort", "skip"]), default="abort")
 @click.option("--max-errors", type=int, default=1000, help="Skip mode: fail past this many.")
 @click.option("--workers", type=int, help="Worker processes (default: CPU count).")
-def run(data_dir: Path, on_error: str, max_errors: int, **flags: Any) -> None:
-    """Run the ETL once on DATA_DIR (default ./data)."""
+def run(
+    data_dir: Path | None,
+    data_dir_flag: Path | None,
+    on_error: str,
+    max_errors: int,
+    **flags: Any,
+) -> None:
+    """Run the ETL once on DATA_DIR (default $ETL_DATA_DIR, else ./data).
+
+    \b
+    The original take-home's flags work as spelled there:
+      run -d /data -db exampledb -hs pgdatabase -u postgres -pass secret -p 5432
+    """
+    if data_dir is not None and data_dir_flag is not None:
+        raise click.UsageError("give the data directory once: DATA_DIR or -d/--data-dir")
     settings = build_settings(**flags)
+    data_dir = data_dir or data_dir_flag or settings.data_dir
     options = RunOptions(on_error=on_error, max_errors=max_errors)  # type: ignore[arg-type]
     result = on_database(settings, _run_once(settings, data_dir, options))
     if result["status"] != "succeeded":

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
+from service.entrypoint import command_line
 from service.settings import ENV_VARS, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -234,16 +235,22 @@ def test_dockerfile_healthcheck_hits_healthz() -> None:
     assert "curl" not in healthcheck and "wget" not in healthcheck
 
 
-def test_dockerfile_cmd_serves() -> None:
+def test_dockerfile_entrypoint_serves_by_default_and_runs_given_flags() -> None:
+    (entrypoint,) = instruction_args("ENTRYPOINT")
+    assert exec_form(entrypoint) == ["python", "-m", "service.entrypoint"]
     (cmd,) = instruction_args("CMD")
-    argv = exec_form(cmd)
-    assert argv[:2] == ["experiment-etl", "serve"]
-    assert argv[argv.index("--port") + 1] == str(Settings().port)
+    assert command_line(exec_form(cmd)) == ["serve"]  # on ETL_HOST:ETL_PORT from ENV
+
+
+def test_dockerfile_bundles_the_sample_where_the_challenge_command_reads_it() -> None:
+    """`docker run IMAGE -d /data ...` finds the sample without a volume."""
+    copies = [exec_form(args) for args in instruction_args("COPY")]
+    assert ["data/", "/data/"] in copies
 
 
 @pytest.mark.parametrize(
     ("key", "expected"),
-    [("ETL_DATA_DIR", "/app/data"), ("ETL_HOST", "0.0.0.0"), ("ETL_PORT", "8080")],
+    [("ETL_DATA_DIR", "/data"), ("ETL_HOST", "0.0.0.0"), ("ETL_PORT", "8080")],
 )
 def test_dockerfile_env_defaults(key: str, expected: str) -> None:
     assignments = " ".join(instruction_args("ENV"))

@@ -8,7 +8,6 @@ import logging
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,15 @@ import aiohttp
 import asyncpg
 import psutil  # type: ignore[import-untyped]
 import pytest
-from test_web_support import Serve, problem, wait_for
+from test_web_support import (
+    Serve,
+    free_port,
+    problem,
+    start_process,
+    status_of,
+    until_healthy,
+    wait_for,
+)
 
 from service.db import sql
 from service.logs import JsonFormatter
@@ -30,7 +37,6 @@ from service.settings import Settings
 
 pytest_plugins = ["test_web_support"]
 
-ROOT = Path(__file__).resolve().parent.parent
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 
@@ -113,12 +119,6 @@ async def proxy(database_url: str) -> AsyncIterator[Proxy]:
     await forwarder.close()
 
 
-async def status_of(client: object, path: str) -> int:
-    async with client.get(path) as response:  # type: ignore[attr-defined]
-        await response.read()
-        return int(response.status)
-
-
 async def test_readiness_follows_the_database_and_liveness_does_not(
     proxy: Proxy, serve: Serve
 ) -> None:
@@ -193,23 +193,6 @@ async def test_start_up_marks_runs_of_a_dead_process_failed(
     assert "stopped unexpectedly" in run["message"]
 
 
-def start_server(port: int, env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
-    with log_path.open("wb") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "service", "serve", "--port", str(port)],
-            env=env,
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def serve_a_running_run(
     settings: Settings, big_dataset: Path, log_path: Path
 ) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
@@ -224,15 +207,10 @@ async def serve_a_running_run(
         "ETL_WORKERS": "2",
         "ETL_API_TOKEN": "",
     }
-    process = start_server(port, env, log_path)
+    process = start_process(["service", "serve", "--port", str(port)], env, log_path)
     try:
         async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as client:
-            for _ in range(300):
-                try:
-                    if await status_of(client, "/healthz") == 200:
-                        break
-                except aiohttp.ClientConnectionError:
-                    await asyncio.sleep(0.1)
+            await until_healthy(client, process)
             async with client.post("/runs") as response:
                 assert response.status == 202
                 run = await response.json()

@@ -11,10 +11,14 @@ import contextlib
 import dataclasses
 import json
 import os
+import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -28,6 +32,7 @@ from service.web.openapi import DOCUMENT
 Client = TestClient[web.Request, web.Application]
 Serve = Callable[..., Awaitable[Client]]
 
+ROOT = Path(__file__).resolve().parent.parent
 BIG = {"users": 20_000, "experiments": 400_000, "compounds": 500}
 RUN_TIMEOUT = 30.0
 SMALL_CHUNKS = 64 * 1024  # small batches: a big run is slow, and stops soon when cancelled
@@ -137,3 +142,38 @@ def copy_dataset(source: Path, target: Path, old: bytes = b"", new: bytes = b"")
 
 def entries(directory: Path) -> list[Path]:
     return list(directory.iterdir())
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_process(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    """``python -m ARGS`` from the repository root, its output in ``log_path``."""
+    with log_path.open("wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", *args],
+            env=env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
+async def status_of(client: object, path: str) -> int:
+    async with client.get(path) as response:  # type: ignore[attr-defined]
+        await response.read()
+        return int(response.status)
+
+
+async def until_healthy(client: aiohttp.ClientSession, process: subprocess.Popen[bytes]) -> None:
+    """Wait (30 s at most) until the server ``process`` answers ``/healthz`` with 200."""
+    async with asyncio.timeout(30):
+        while process.poll() is None:
+            with contextlib.suppress(aiohttp.ClientConnectionError):
+                if await status_of(client, "/healthz") == 200:
+                    return
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"the server exited with {process.returncode} before it was healthy")
