@@ -91,26 +91,30 @@ def test_a_value_glued_to_a_multi_letter_flag_is_read_as_a_short_flag() -> None:
     assert parts["db_name"] is None
 
 
-async def test_run_with_the_challenge_flags_loads_the_sample(
-    settings: Settings, sample_dir: Path
-) -> None:
+async def run_with_challenge_flags(
+    settings: Settings, sample_dir: Path, environment_url: str | None
+) -> str:
+    """``experiment-etl run`` with the take-home's flags; its output, once it succeeded."""
     assert settings.database_url
-    env = {"DATABASE_URL": None, "ETL_DB_SCHEMA": settings.db_schema, "ETL_WORKERS": "1"}
+    env = {"DATABASE_URL": environment_url, "ETL_DB_SCHEMA": settings.db_schema, "ETL_WORKERS": "1"}
     args = ["run", *challenge_args(settings.database_url, sample_dir)]
     result = await asyncio.to_thread(CliRunner().invoke, main, args, env=env)
     assert result.exit_code == 0, result.output
-    assert "users 10, experiments 11, compounds 3" in result.output
+    return result.output
+
+
+async def test_run_with_the_challenge_flags_loads_the_sample(
+    settings: Settings, sample_dir: Path
+) -> None:
+    output = await run_with_challenge_flags(settings, sample_dir, environment_url=None)
+    assert "users 10, experiments 11, compounds 3" in output
     assert await alice_top_compound(settings) == (2, "Compound B", 2)
 
 
 async def test_the_challenge_flags_win_over_database_url_in_the_environment(
     settings: Settings, sample_dir: Path
 ) -> None:
-    assert settings.database_url
-    env = {"DATABASE_URL": DEAD_URL, "ETL_DB_SCHEMA": settings.db_schema, "ETL_WORKERS": "1"}
-    args = ["run", *challenge_args(settings.database_url, sample_dir)]
-    result = await asyncio.to_thread(CliRunner().invoke, main, args, env=env)
-    assert result.exit_code == 0, result.output
+    await run_with_challenge_flags(settings, sample_dir, environment_url=DEAD_URL)
     assert [r["status"] for r in await run_rows(settings)] == ["succeeded"]
 
 
