@@ -18,7 +18,7 @@ from aiohttp import web
 from .db import sql
 from .db.database import Pool, open_pool
 from .etl import RunOptions, executor_for
-from .generate import generate
+from .generate import SHAPES, Shape, generate
 from .jobs import Runner, directory_request
 from .logs import AccessLogger, use_json_logs
 from .settings import Settings
@@ -236,12 +236,23 @@ def _table(columns: tuple[str, ...], rows: list[tuple[Any, ...]]) -> str:
 @click.option("--experiments", type=int, required=True)
 @click.option("--compounds", type=int, required=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--shape",
+    type=click.Choice(SHAPES),
+    default="dense",
+    show_default=True,
+    help="dense: ids 1..n in order; sparse: a real export's ids, order and quirks; "
+    "hot: sparse plus one user with 30% of the experiments.",
+)
 def generate_command(
-    out_dir: Path, users: int, experiments: int, compounds: int, seed: int
+    out_dir: Path, users: int, experiments: int, compounds: int, seed: int, shape: Shape
 ) -> None:
     """Write a synthetic dataset in the same format to OUT_DIR."""
     started = time.perf_counter()
-    paths = generate(out_dir, users, experiments, compounds, seed)
+    try:
+        paths = generate(out_dir, users, experiments, compounds, seed, shape)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     size = sum(p.stat().st_size for p in paths.values())
     click.echo(f"wrote {out_dir} ({size / 1e6:.1f} MB) in {time.perf_counter() - started:.1f} s")
 
