@@ -97,6 +97,7 @@ class IdPermutation:
         return cls((9 * base).bit_length() - 1, rng), base
 
     def check(self, n: int, what: str) -> None:
+        """Refuse ``n`` indices when the permutation's range has fewer numbers."""
         if n > 1 << self.bits:
             raise ValueError(f"at most {1 << self.bits} {what} have distinct ids of this width")
 
@@ -218,7 +219,7 @@ def _sparse(
     user_perm.check(users, "users")
     compound_perm.check(compounds, "compounds")
     experiment_perm.check(experiments, "experiments")
-    user_ids = array("q", user_perm.ids(user_base, 0, users))
+    user_ids = array("q", (user_base + user_perm(i) for i in range(users)))  # no list of 3M
     robot = rng.randrange(users) if hot else -1
     days = [str(START + timedelta(days=d)) for d in range(1000)]
     people = [(f'"{s}, {g}"', _mailbox(f"{g}.{s}")) for s in SURNAMES for g in GIVEN]
