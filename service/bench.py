@@ -1,6 +1,7 @@
 """End-to-end benchmark: generated datasets through the real pipeline into PostgreSQL.
 
-Each size is generated once with the project's generator and cached. A run goes through
+Each (shape, size, seed) is generated once with the project's generator and cached. A run
+goes through
 the service itself (the aiohttp app's runner, on the app's event loop) while a thread
 polls ``/healthz``, a coroutine measures event-loop lag, and another thread samples the
 resident memory of this process and all its children (PostgreSQL excluded).
@@ -27,7 +28,7 @@ import psutil  # type: ignore[import-untyped]
 from aiohttp import web
 
 from .etl import Pipeline, RunStats
-from .generate import generate
+from .generate import SHAPES, Shape, generate
 from .jobs import Runner, directory_request
 from .settings import Settings
 from .web.app import create_app
@@ -41,9 +42,9 @@ class Size:
     experiments: int
     compounds: int
 
-    @property
-    def dirname(self) -> str:
-        return f"e{self.experiments}-u{self.users}-c{self.compounds}-s0"
+    def dirname(self, shape: Shape, seed: int) -> str:
+        name = f"e{self.experiments}-u{self.users}-c{self.compounds}-s{seed}"
+        return name if shape == "dense" else f"{shape}-{name}"  # dense: the caches made before
 
 
 SIZES = {
@@ -51,7 +52,9 @@ SIZES = {
     for s in (
         Size("100k", 10_000, 100_000, 500),
         Size("1M", 100_000, 1_000_000, 2_000),
+        Size("3M", 300_000, 3_000_000, 10_000),
         Size("10M", 1_000_000, 10_000_000, 10_000),
+        Size("30M", 3_000_000, 30_000_000, 10_000),
     )
 }
 QUICK = ("100k",)
@@ -59,14 +62,14 @@ SAMPLE_INTERVAL = 0.05
 TREE_REFRESH = 1.0  # seconds between listings of the process tree
 
 
-def dataset(size: Size, cache: Path) -> Path:
-    """The generated files for ``size``, made on first use and kept for later runs."""
-    target = cache / size.dirname
+def dataset(size: Size, shape: Shape, cache: Path, seed: int = 0) -> Path:
+    """The generated files for ``size`` and ``shape``, made on first use and kept."""
+    target = cache / size.dirname(shape, seed)
     if (target / ".complete").exists():
         return target
-    partial = cache / f"{size.dirname}.partial"
+    partial = cache / f"{target.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
-    generate(partial, size.users, size.experiments, size.compounds, seed=0)
+    generate(partial, size.users, size.experiments, size.compounds, seed, shape)
     (partial / ".complete").touch()
     shutil.rmtree(target, ignore_errors=True)
     partial.rename(target)
@@ -174,17 +177,25 @@ async def loop_lag(lags: list[float], interval: float = 0.01) -> None:
 
 @dataclass
 class Result:
+    shape: Shape
     size: Size
     stats: dict[str, Any]
     peak_rss: int
     healthz: list[float]
     healthz_failures: int
     lags: list[float]
+    totals: list[float] = field(default_factory=list)  # of every run, when repeated
+
+    @property
+    def total(self) -> float:
+        return float(self.stats["duration_s"])
 
     def row(self) -> list[str]:
         phases = self.stats["phases_s"]
-        total = self.stats["duration_s"]
+        total = self.total
+        runs = sorted(self.totals) or [total]
         return [
+            self.shape,
             self.size.label,
             f"{phases['read']:.2f}",
             f"{phases['aggregate_load']:.2f}",
@@ -196,10 +207,12 @@ class Result:
             _ms(self.healthz, 0.99),
             _ms(self.lags, 0.99),
             _ms(self.lags, 1.0),
+            f"{len(runs)}" if len(runs) == 1 else f"{len(runs)}: {runs[0]:.2f}-{runs[-1]:.2f}",
         ]
 
 
 HEADER = [
+    "shape",
     "size",
     "read s",
     "agg+load s",
@@ -211,13 +224,14 @@ HEADER = [
     "healthz p99 ms",
     "loop lag p99 ms",
     "loop lag max ms",
+    "runs (total s)",
 ]
 
 
 def _ms(values: list[float], q: float) -> str:
     if not values:
         return "-"
-    if q >= 1.0:
+    if q >= 1.0 or len(values) == 1:  # quantiles need two values; a short run has one
         return f"{max(values) * 1000:.1f}"
     return f"{statistics.quantiles(values, n=100, method='inclusive')[int(q * 100) - 1] * 1000:.1f}"
 
@@ -230,7 +244,20 @@ def table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
-async def measure(settings: Settings, size: Size, directory: Path) -> Result:
+def markdown(results: list[Result]) -> str:
+    """The same table in Markdown, as benchmarks/README.md shows it."""
+    rows = [HEADER, ["---"] * len(HEADER), *(r.row() for r in results)]
+    return "\n".join(f"| {' | '.join(row)} |" for row in rows) + "\n"
+
+
+def median_run(runs: list[Result]) -> Result:
+    """The run with the median total time (the lower middle one for an even count)."""
+    ordered = sorted(runs, key=lambda r: r.total)
+    chosen = ordered[(len(ordered) - 1) // 2]
+    return dataclasses.replace(chosen, totals=[r.total for r in runs])
+
+
+async def measure(settings: Settings, shape: Shape, size: Size, directory: Path) -> Result:
     """One run of ``directory`` through the app's runner, with /healthz polled meanwhile."""
     app = create_app(dataclasses.replace(settings, data_dir=directory.parent))
     app_runner = web.AppRunner(app, handle_signals=False)
@@ -253,7 +280,7 @@ async def measure(settings: Settings, size: Size, directory: Path) -> Result:
     if run["status"] != "succeeded":
         raise RuntimeError(f"benchmark run {run['status']}: {run.get('message')}")
     stats = finished[0].to_json() if finished else run["stats"]
-    return Result(size, stats, memory.peak, probe.latencies, probe.failures, lags)
+    return Result(shape, size, stats, memory.peak, probe.latencies, probe.failures, lags)
 
 
 def _capture_stats(runner: Runner) -> list[RunStats]:
@@ -271,16 +298,29 @@ def _capture_stats(runner: Runner) -> list[RunStats]:
     return captured
 
 
-def run_bench(settings: Settings, sizes: list[Size], cache: Path) -> str:
-    """Generate (or reuse) each dataset, run it once, and render the results table."""
+def run_bench(
+    settings: Settings,
+    sizes: list[Size],
+    cache: Path,
+    shapes: tuple[Shape, ...] = SHAPES,
+    repeat: int = 1,
+    seed: int = 0,
+) -> list[Result]:
+    """Generate (or reuse) each dataset, run it ``repeat`` times; one result per dataset.
+
+    Sizes come first, shapes within a size: the shapes of one size are compared side by
+    side, and a long run over several sizes has the small ones' figures early.
+    """
     results: list[Result] = []
     for size in sizes:
-        started = time.perf_counter()
-        directory = dataset(size, cache)
-        made = time.perf_counter() - started
-        if made > 1:
-            print(f"generated {size.label} in {made:.1f} s", flush=True)
-        results.append(asyncio.run(measure(settings, size, directory)))
-        if len(sizes) > 1:
-            print(table(results[-1:]), flush=True)
-    return table(results)
+        for shape in shapes:
+            started = time.perf_counter()
+            directory = dataset(size, shape, cache, seed)
+            made = time.perf_counter() - started
+            if made > 1:
+                print(f"generated {shape} {size.label} in {made:.1f} s", flush=True)
+            runs = [asyncio.run(measure(settings, shape, size, directory)) for _ in range(repeat)]
+            results.append(median_run(runs))
+            if len(sizes) * len(shapes) > 1:
+                print(table(results[-1:]), flush=True)
+    return results

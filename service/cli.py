@@ -6,9 +6,9 @@ import asyncio
 import logging
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from urllib.parse import quote, urlencode
 
 import asyncpg
@@ -19,7 +19,7 @@ from click.core import ParameterSource
 from .db import sql
 from .db.database import Pool, open_pool
 from .etl import RunOptions, executor_for
-from .generate import generate
+from .generate import SHAPES, Shape, generate
 from .jobs import Runner, directory_request
 from .logs import AccessLogger, use_json_logs
 from .settings import Settings
@@ -317,12 +317,23 @@ def _table(columns: tuple[str, ...], rows: list[tuple[Any, ...]]) -> str:
 @click.option("--experiments", type=int, required=True)
 @click.option("--compounds", type=int, required=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--shape",
+    type=click.Choice(SHAPES),
+    default="dense",
+    show_default=True,
+    help="dense: ids 1..n in order; sparse: a real export's ids, order and quirks; "
+    "hot: sparse plus one user with 30% of the experiments.",
+)
 def generate_command(
-    out_dir: Path, users: int, experiments: int, compounds: int, seed: int
+    out_dir: Path, users: int, experiments: int, compounds: int, seed: int, shape: Shape
 ) -> None:
     """Write a synthetic dataset in the same format to OUT_DIR."""
     started = time.perf_counter()
-    paths = generate(out_dir, users, experiments, compounds, seed)
+    try:
+        paths = generate(out_dir, users, experiments, compounds, seed, shape)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     size = sum(p.stat().st_size for p in paths.values())
     click.echo(f"wrote {out_dir} ({size / 1e6:.1f} MB) in {time.perf_counter() - started:.1f} s")
 
@@ -346,9 +357,36 @@ def serve(bind_host: str | None, bind_port: int | None, **flags: Any) -> None:
     )
 
 
+def _listed(value: str, allowed: Sequence[str], what: str) -> list[str]:
+    """A comma-separated option's items, each one of ``allowed``."""
+    items = [item.strip() for item in value.split(",") if item.strip()]
+    if not items:
+        raise click.BadParameter(f"no {what} given; choose from {', '.join(allowed)}")
+    for item in items:
+        if item not in allowed:
+            raise click.BadParameter(f"unknown {what} {item!r}; choose from {', '.join(allowed)}")
+    return items
+
+
 @main.command()
-@click.option("--sizes", default="1M,10M", show_default=True, help="Comma-separated: 100k,1M,10M.")
-@click.option("--quick", is_flag=True, help="Only the 100k dataset (CI: well under a minute).")
+@click.option(
+    "--sizes", default="1M,10M", show_default=True, help="Comma-separated: 100k,1M,3M,10M,30M."
+)
+@click.option(
+    "--shapes",
+    default=",".join(SHAPES),
+    show_default=True,
+    help="Comma-separated generator shapes (see `generate --help`).",
+)
+@click.option("--quick", is_flag=True, help="Only 100k, on every shape (CI: a few seconds each).")
+@click.option(
+    "--repeat",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Runs per dataset; the table shows the run with the median total time.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Generator seed.")
 @click.option(
     "--cache-dir",
     type=click.Path(path_type=Path),
@@ -356,16 +394,33 @@ def serve(bind_host: str | None, bind_port: int | None, **flags: Any) -> None:
     show_default=True,
     help="Where generated datasets are kept between runs.",
 )
+@click.option(
+    "--output",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Also write the table as Markdown to this file.",
+)
 @database_options()
 @click.option("--workers", type=int, help="Worker processes (default: CPU count).")
-def bench(sizes: str, quick: bool, cache_dir: Path, **flags: Any) -> None:
+def bench(
+    sizes: str,
+    shapes: str,
+    quick: bool,
+    repeat: int,
+    seed: int,
+    cache_dir: Path,
+    output: Path | None,
+    **flags: Any,
+) -> None:
     """Time the whole pipeline on generated data into PostgreSQL; print a table."""
-    from .bench import QUICK, SIZES, run_bench
+    from .bench import QUICK, SIZES, markdown, run_bench, table
 
-    labels = QUICK if quick else tuple(s.strip() for s in sizes.split(",") if s.strip())
-    unknown = [label for label in labels if label not in SIZES]
-    if unknown:
-        raise click.BadParameter(f"unknown size {unknown[0]!r}; choose from {', '.join(SIZES)}")
+    labels = QUICK if quick else _listed(sizes, list(SIZES), "size")
+    chosen = cast(list[Shape], _listed(shapes, SHAPES, "shape"))
     flags["db_schema"] = flags.get("db_schema") or "etl_bench"
     settings = build_settings(**flags)
-    click.echo(run_bench(settings, [SIZES[label] for label in labels], cache_dir))
+    results = run_bench(
+        settings, [SIZES[label] for label in labels], cache_dir, tuple(chosen), repeat, seed
+    )
+    click.echo(table(results))
+    if output is not None:
+        output.write_text(markdown(results), encoding="utf-8")
