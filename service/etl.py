@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import gc
 import logging
 import math
@@ -21,7 +22,8 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import asdict, dataclass, field
@@ -32,20 +34,21 @@ from typing import Any, Literal, ParamSpec, TypeVar
 
 from .db.database import Connection, Pool
 from .db.load import StagedLoad
-from .pipeline.aggregate import aggregate_spilled, write_compound_details
-from .pipeline.csvfile import split_ranges
-from .pipeline.errors import ErrorLog, FileError, InputError
-from .pipeline.features import FeatureRows, global_average
-from .pipeline.fields import any_overlap
-from .pipeline.plan import InputPlan, plan_inputs
-from .pipeline.scan import (
-    Compounds,
-    ExperimentContext,
-    ScanResult,
-    scan_compounds,
-    scan_experiments,
-    scan_users,
+from .pipeline.aggregate import (
+    PartitionJob,
+    PartitionResult,
+    aggregate_partition,
+    aggregate_slice,
+    check_experiment_ids,
+    merge_slices,
+    write_compound_details,
 )
+from .pipeline.csvfile import FilePlan, split_ranges
+from .pipeline.errors import ErrorLog, FileError, InputError
+from .pipeline.features import global_average
+from .pipeline.plan import InputPlan, plan_inputs
+from .pipeline.scan import ScanResult, scan_compounds, scan_experiments, scan_users
+from .pipeline.spill import Piece
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -54,7 +57,8 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 PARTITION_BYTES = 2 << 20  # experiments per partition, in input bytes: ~30 MB per worker
-RANGE_BYTES = 16 << 20  # experiments per parse task
+RANGE_BYTES = 16 << 20  # bytes of a file per scan task
+MIN_SLICE_BYTES = 1 << 20  # a partition is split into slices only past twice the average
 
 
 @dataclass(frozen=True)
@@ -102,11 +106,11 @@ class Cancelled(Exception):
 
 @dataclass(frozen=True)
 class StopFile:
-    """A picklable check, called per batch in workers, that stops a cancelled run."""
+    """A picklable check, called per block in workers, that stops a cancelled run."""
 
     path: Path
 
-    def __call__(self, _rows: int) -> None:
+    def __call__(self) -> None:
         if self.path.exists():
             raise Cancelled()
 
@@ -164,8 +168,40 @@ def _task(call: Callable[[], T]) -> T:
 Finalize = Callable[[Connection, RunStats], Awaitable[None]]
 
 
+@dataclass
+class Scanned:
+    """What phase 1 left: counts, and each partition's spilled pieces (in file order)."""
+
+    users: list[list[Piece]]  # by user partition
+    experiments: list[list[Piece]]  # experiment rows by user partition
+    experiment_ids: list[list[Piece]]  # experiment ids by experiment-id partition
+    experiment_rows: int  # experiments whose fields are valid
+    compounds: int
+    compounds_file: Path
+
+
+@dataclass
+class Aggregated:
+    users: int = 0
+    experiments: int = 0
+    rejected: int = 0  # experiments rejected by the partition checks
+
+
+class _Again(Exception):
+    """Skip mode rejected experiments in phase 2: the shares need the final total."""
+
+    def __init__(self, rejected: int) -> None:
+        super().__init__(f"{rejected} experiments rejected in phase 2")
+        self.rejected = rejected
+
+
 class Pipeline:
-    """Runs one ETL run; ``progress`` is live for status pages."""
+    """Runs one ETL run; ``progress`` is live for status pages.
+
+    Phases: plan the files; scan every byte range of every file (phase 1); check
+    experiment ids per id partition; check and aggregate each user partition while its
+    rows stream into staging tables (phase 2); swap the tables in.
+    """
 
     def __init__(
         self,
@@ -186,10 +222,6 @@ class Pipeline:
         self.phases: dict[str, float] = {}
         self._stop: StopFile | None = None
         self._in_flight: set[Future[Any]] = set()
-        self.exp_prefixes: list[str] = []
-        self._splits: list[tuple[int, int]] = []
-        self._ranges: list[ScanResult] = []
-        self._exp_scans: list[ScanResult] = []  # the final scans, whose spills phase 2 reads
 
     async def _call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         future = self.executor.submit(partial(_task, partial(fn, *args, **kwargs)))
@@ -204,7 +236,7 @@ class Pipeline:
         try:
             return await self._run(workdir, started, finalize)
         except BaseException:
-            # Workers still busy see the stop file within a batch; wait for them so
+            # Workers still busy see the stop file within a block; wait for them so
             # they neither write into a removed directory nor hold the executor.
             self._stop.path.touch()
             await asyncio.shield(asyncio.to_thread(wait_futures, list(self._in_flight), 30))
@@ -213,239 +245,242 @@ class Pipeline:
             await asyncio.shield(asyncio.to_thread(shutil.rmtree, workdir, True))
 
     async def _run(self, workdir: Path, started: float, finalize: Finalize) -> RunStats:
-        assert self._stop is not None
         self.progress.phase = "reading"
-        plan = await asyncio.to_thread(plan_inputs, self.source)
+        plan = await asyncio.to_thread(plan_inputs, self.source, self.settings.chunk_bytes)
+        self.errors = ErrorLog(order=plan.rank)
         self.progress.bytes_total = plan.total_bytes
         partitions = self.settings.partitions or _round_up(
             math.ceil(plan.experiments.size / PARTITION_BYTES), self.settings.workers
         )
         mark = time.perf_counter()
-        compounds, users = await self._scan_inputs(plan, workdir, partitions)
-        experiments = await self._scan_experiments(plan, workdir, partitions, compounds, users)
-        self.phases["read"] = time.perf_counter() - mark
-        self._check_errors()
+        scanned = await self._scan(plan, workdir, partitions)
+        rejected = await self._check_experiment_ids(plan, scanned)
+        self.phases["read"] = round(time.perf_counter() - mark, 3)
 
         mark = time.perf_counter()
         self.progress.phase = "loading"
         self.progress.partitions_total = partitions
-        async with StagedLoad(self.pool) as load:
-            await self._aggregate_into(load, workdir, partitions, experiments, compounds, users)
-            loaded = await load.finish()
-            self.phases["aggregate_load"] = time.perf_counter() - mark
-            stats = RunStats(
-                users=users.rows,
-                compounds=len(compounds.by_id),
-                experiments=experiments,
-                global_average=global_average(experiments, users.rows),
-                rows_loaded=loaded,
-                rows_rejected=self.errors.total,
-                duration_s=0.0,
-                phases_s=self.phases,
+        total = scanned.experiment_rows - len(rejected)
+        while True:
+            try:
+                async with StagedLoad(self.pool) as load:
+                    done = await self._aggregate(load, plan, scanned, total, rejected)
+                    self._check_errors()
+                    return await self._commit(load, done, scanned, started, mark, finalize)
+            except _Again as again:
+                total -= again.rejected  # the same rows are rejected again: not counted twice
+                self.progress.partitions_done = 0
+
+    async def _scan(self, plan: InputPlan, workdir: Path, partitions: int) -> Scanned:
+        """Phase 1: every byte range of every file at once; none needs another's rows."""
+        block = self.settings.chunk_bytes
+        scans = []
+        for kind, file_plan, scan in (
+            ("experiments", plan.experiments, scan_experiments),
+            ("users", plan.users, scan_users),
+        ):
+            for index, part in enumerate(split_ranges(file_plan, RANGE_BYTES)):
+                prefix = f"{kind}{index:04d}"
+                call = self._call(
+                    _guarded(scan), file_plan, part, workdir, prefix, partitions, block, self._stop
+                )
+                scans.append(self._counted(kind, part.end - part.start, call))
+        compounds_file = workdir / "compounds.pkl"
+        compounds = self._counted(
+            "compounds",
+            plan.compounds.size,
+            self._call(_guarded(_compounds_task), plan.compounds, compounds_file, block),
+        )
+        results = await _gather(compounds, *scans)
+        self._check_errors()
+        by_kind: dict[str, list[list[list[Piece]]]] = defaultdict(list)
+        for result in results:
+            for kind, pieces in result.spills.items():
+                by_kind[kind].append(pieces)
+        return Scanned(
+            users=_by_partition(by_kind["users"], partitions),
+            experiments=_by_partition(by_kind["by_user"], partitions),
+            experiment_ids=_by_partition(by_kind["by_id"], partitions),
+            experiment_rows=self.progress.rows_read["experiments"],
+            compounds=self.progress.rows_read["compounds"],
+            compounds_file=compounds_file,
+        )
+
+    async def _counted(self, kind: str, size: int, call: Awaitable[ScanResult]) -> ScanResult:
+        result = await call
+        self.errors.extend(result.errors, result.error_total)
+        self.fatal = self.fatal or result.fatal
+        self.progress.rows_read[kind] += result.rows
+        self.progress.bytes_read += size
+        return result
+
+    async def _check_experiment_ids(self, plan: InputPlan, scanned: Scanned) -> frozenset[int]:
+        """Repeated experiment ids, per id partition; the lines of the rejected repeats."""
+        checks = [
+            self._call(check_experiment_ids, pieces, plan.experiments)
+            for pieces in scanned.experiment_ids
+            if pieces
+        ]
+        rejected: set[int] = set()
+        for check in await _gather(*checks):
+            self.errors.extend(check.log.errors, check.log.total)
+            rejected.update(check.rejected)
+        self._check_errors()
+        return frozenset(rejected)
+
+    async def _aggregate(
+        self,
+        load: StagedLoad,
+        plan: InputPlan,
+        scanned: Scanned,
+        total: int,
+        rejected: frozenset[int],
+    ) -> Aggregated:
+        """Phase 2, loading each partition's rows as they come."""
+        first_pass = total == scanned.experiment_rows - len(rejected)
+        sizes = [sum(p.length for p in pieces) for pieces in scanned.experiments]
+        slice_bytes = max(MIN_SLICE_BYTES, 2 * sum(sizes) // max(1, len(sizes)))
+        jobs = [
+            PartitionJob(
+                scanned.users[p],
+                scanned.experiments[p],
+                total,
+                scanned.compounds_file,
+                plan.users,
+                plan.experiments,
+                rejected,
             )
-            self.progress.phase = "committing"
-            mark = time.perf_counter()
+            for p in range(len(sizes))
+        ]
+        done = Aggregated()
+        loading = True  # an error in abort mode fails the run: then only check
 
-            async def final(conn: Connection) -> None:
-                stats.duration_s = round(time.perf_counter() - started, 3)
-                self.phases["commit"] = round(time.perf_counter() - mark, 3)
-                self.progress.phase = "done"
-                await finalize(conn, stats)
+        async def partition(job: PartitionJob) -> PartitionResult:
+            slices = _slices(job.experiments, slice_bytes)
+            if len(slices) == 1:
+                return await self._call(aggregate_partition, job)
+            parts = [dataclasses.replace(job, experiments=s) for s in slices]
+            states = await _gather(*(self._call(aggregate_slice, part) for part in parts))
+            return await self._call(merge_slices, job, states)
 
-            await load.commit(final, self.settings.lock_timeout)
-            # The stored stats were written inside the swap transaction, before its
-            # COMMIT; the returned ones cover the whole swap. The run is done there: the
-            # replaced tables are dropped after it, outside the swap's locks.
-            self.phases["commit"] = round(time.perf_counter() - mark, 3)
+        # Results are loaded as they come, not in partition order: waiting for the
+        # oldest task while a newer one had finished left a worker without work.
+        pending = [partition(job) for job in jobs]
+        window = max(2, self.settings.workers + 1)
+        running = {asyncio.ensure_future(c) for c in pending[:window]}
+        queue = pending[window:]
+        try:
+            while running:
+                finished, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for task in finished:
+                    if queue:
+                        running.add(asyncio.ensure_future(queue.pop(0)))
+                    result: PartitionResult = task.result()
+                    if first_pass:
+                        self.errors.extend(result.log.errors, result.log.total)
+                    done.users += result.users
+                    done.experiments += result.experiments
+                    done.rejected += result.rejected
+                    self.progress.partitions_done += 1
+                    loading = loading and not (
+                        result.log.total and self.options.on_error == "abort"
+                    )
+                    if loading:
+                        await load.put("experiment_counts", result.rows.counts)
+                        await load.put("experiment_averages", result.rows.averages)
+                        await load.put("top_compounds", result.rows.tops)
+        finally:
+            for task in running:
+                task.cancel()
+            for coro in queue:
+                coro.close()
+        if first_pass and done.rejected and self.options.on_error == "skip":
+            self._check_errors()  # past max_errors: no second pass
+            raise _Again(done.rejected)
+        return done
+
+    async def _commit(
+        self,
+        load: StagedLoad,
+        done: Aggregated,
+        scanned: Scanned,
+        started: float,
+        mark: float,
+        finalize: Finalize,
+    ) -> RunStats:
+        loaded = await load.finish()
+        self.phases["aggregate_load"] = round(time.perf_counter() - mark, 3)
+        stats = RunStats(
+            users=done.users,
+            compounds=scanned.compounds,
+            experiments=done.experiments,
+            global_average=global_average(done.experiments, done.users),
+            rows_loaded=loaded,
+            rows_rejected=self.errors.total,
+            duration_s=0.0,
+            phases_s=self.phases,
+        )
+        self.progress.phase = "committing"
+        mark = time.perf_counter()
+
+        async def final(conn: Connection) -> None:
             stats.duration_s = round(time.perf_counter() - started, 3)
+            self.phases["commit"] = round(time.perf_counter() - mark, 3)
             self.progress.phase = "done"
-            mark = time.perf_counter()
-            await load.drop_retired(self.settings.lock_timeout)
-            self.phases["cleanup"] = round(time.perf_counter() - mark, 3)
+            await finalize(conn, stats)
+
+        await load.commit(final, self.settings.lock_timeout)
+        # The stored stats were written inside the swap transaction, before its
+        # COMMIT; the returned ones cover the whole swap. The run is done there: the
+        # replaced tables are dropped after it, outside the swap's locks.
+        self.phases["commit"] = round(time.perf_counter() - mark, 3)
+        stats.duration_s = round(time.perf_counter() - started, 3)
+        self.progress.phase = "done"
+        mark = time.perf_counter()
+        await load.drop_retired(self.settings.lock_timeout)
+        self.phases["cleanup"] = round(time.perf_counter() - mark, 3)
         return stats
 
-    async def _scan_inputs(
-        self, plan: InputPlan, workdir: Path, partitions: int
-    ) -> tuple[Compounds, ScanResult]:
-        """Compounds, then experiment ranges while users.csv is still being read."""
-        block = self.settings.chunk_bytes
-        users_call = asyncio.ensure_future(
-            self._call(_guarded(scan_users), plan.users, workdir, partitions, block)
-        )
-        ranges: asyncio.Future[list[ScanResult]] | None = None
-        try:
-            compounds, compound_scan = await self._call(_compounds_task, plan, block)
-            if not compound_scan.fatal:
-                context = ExperimentContext(None, compounds.by_text)
-                scans = self._scan_ranges(plan, workdir, partitions, context)
-                ranges = asyncio.ensure_future(scans)
-            users = await users_call
-            for kind, scan, size in (
-                ("compounds", compound_scan, plan.compounds.size),
-                ("users", users, plan.users.size),
-            ):
-                self.errors.extend(scan.errors, scan.error_total)
-                self.fatal = self.fatal or scan.fatal
-                self.progress.rows_read[kind] = scan.rows
-                self.progress.bytes_read += size
-            if self.options.on_error == "abort" or self.fatal:
-                # Bad users or compounds would only echo as unknown references below.
-                self._check_errors()
-            assert ranges is not None  # compounds were readable, or the check raised
-            self._ranges = await ranges
-        except BaseException:
-            for task in (users_call, ranges):
-                if task is not None:
-                    task.cancel()
-            await asyncio.gather(
-                *(t for t in (users_call, ranges) if t is not None), return_exceptions=True
-            )
-            raise
-        return compounds, users
-
-    async def _scan_ranges(
-        self, plan: InputPlan, workdir: Path, partitions: int, context: ExperimentContext
-    ) -> list[ScanResult]:
-        """Scan experiment byte ranges in parallel, spilling to ``exp{index}`` files."""
-        exp = plan.experiments
-        # Two ranges per worker at least: one worker starts on users.csv meanwhile.
-        wanted = max(math.ceil(exp.size / RANGE_BYTES), 2 * self.settings.workers)
-        parts = _round_up(wanted, self.settings.workers)
-        self._splits = split_ranges(exp, parts)
-
-        async def scan(index: int, byte_range: tuple[int, int]) -> ScanResult:
-            result = await self._scan_range(plan, workdir, partitions, context, index)
-            self.progress.bytes_read += byte_range[1] - byte_range[0]
-            self.progress.rows_read["experiments"] += result.rows
-            return result
-
-        return await asyncio.gather(*(scan(i, r) for i, r in enumerate(self._splits)))
-
-    async def _scan_range(
-        self,
-        plan: InputPlan,
-        workdir: Path,
-        partitions: int,
-        context: ExperimentContext,
-        index: int,
-    ) -> ScanResult:
-        ranges = self._splits
-        return await self._call(
-            _guarded(scan_experiments),
-            plan.experiments,
-            context,
-            workdir,
-            partitions,
-            f"exp{index:04d}",
-            ranges[index] if len(ranges) > 1 else None,
-            self.settings.chunk_bytes,
-            self._stop,
-        )
-
-    async def _scan_experiments(
-        self,
-        plan: InputPlan,
-        workdir: Path,
-        partitions: int,
-        compounds: Compounds,
-        users: ScanResult,
-    ) -> int:
-        """Finish the range scans; the number of valid experiments.
-
-        A range that referenced a user id missing from users.csv is scanned again with
-        the user ids known, so its errors say which rows.
-        """
-        context = ExperimentContext(users.ids, compounds.by_text)
-        results = self._ranges
-        self.exp_prefixes = [f"exp{i:04d}" for i in range(len(results))]
-        for index, result in enumerate(results):
-            if result.users is None or users.ids.covers(result.users):
-                continue
-            await asyncio.to_thread(_remove, workdir, [self.exp_prefixes[index]])
-            again = await self._scan_range(plan, workdir, partitions, context, index)
-            self.progress.rows_read["experiments"] += again.rows - result.rows
-            results[index] = again
-        exp = plan.experiments
-        if await asyncio.to_thread(_ids_repeat_across, results):
-            # An experiment id repeats across ranges: rescan in one pass, which reports
-            # the later occurrence at its line like a sequential reader would.
-            await asyncio.to_thread(_remove, workdir, self.exp_prefixes)
-            self.exp_prefixes = ["exp"]
-            results = [
-                await self._call(
-                    _guarded(scan_experiments),
-                    exp,
-                    context,
-                    workdir,
-                    partitions,
-                    "exp",
-                    None,
-                    self.settings.chunk_bytes,
-                    self._stop,
-                )
-            ]
-        self._exp_scans = results
-        shift = exp.header_line
-        for result in results:
-            self.fatal = self.fatal or result.fatal
-            self.errors.extend(result.errors, result.error_total, shift if len(results) > 1 else 0)
-            shift += result.lines
-        return sum(r.rows for r in results)
-
     def _check_errors(self) -> None:
+        """Fail the run: a file could not be read, abort mode met an error, or skip mode
+        rejected too many rows. Called once each stage's checks have all run."""
         if not self.errors:
             return
         too_many = self.errors.total > self.options.max_errors
         if self.fatal or self.options.on_error == "abort" or too_many:
             raise InputError(self.errors.errors, self.errors.total)
 
-    async def _aggregate_into(
-        self,
-        load: StagedLoad,
-        workdir: Path,
-        partitions: int,
-        experiments: int,
-        compounds: Compounds,
-        users: ScanResult,
-    ) -> None:
-        details = {cid: (c.name, c.structure) for cid, c in compounds.by_id.items()}
-        details_file = workdir / "compounds.pkl"
-        await asyncio.to_thread(write_compound_details, details_file, details)
-        pending = [
-            self._call(
-                aggregate_spilled,
-                users.pieces[p],
-                [piece for scan in self._exp_scans for piece in scan.pieces[p]],
-                experiments,
-                details_file,
-            )
-            for p in range(partitions)
-        ]
-        # Results are loaded as they come, not in partition order: waiting for the
-        # oldest task while a newer one had finished left a worker without work.
-        window = max(2, self.settings.workers + 1)
-        running = {asyncio.ensure_future(c) for c in pending[:window]}
-        queue = pending[window:]
-        try:
-            while running:
-                done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    if queue:
-                        running.add(asyncio.ensure_future(queue.pop(0)))
-                    rows: FeatureRows = task.result()
-                    await load.put("experiment_counts", rows.counts)
-                    await load.put("experiment_averages", rows.averages)
-                    await load.put("top_compounds", rows.tops)
-                    self.progress.partitions_done += 1
-        finally:
-            for task in running:
-                task.cancel()
-            for coro in queue:
-                coro.close()
+
+async def _gather(*calls: Awaitable[T]) -> list[T]:
+    """All results, or the first failure with the other calls cancelled and awaited."""
+    tasks = [asyncio.ensure_future(c) for c in calls]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
-def _ids_repeat_across(results: list[ScanResult]) -> bool:
-    return any_overlap([r.span for r in results if r.span is not None])
+def _by_partition(scans: list[list[list[Piece]]], partitions: int) -> list[list[Piece]]:
+    """Each partition's pieces from every scan, in the scans' (file) order."""
+    return [[piece for scan in scans for piece in scan[p]] for p in range(partitions)]
+
+
+def _slices(pieces: Sequence[Piece], size: int) -> list[list[Piece]]:
+    """Consecutive runs of pieces of about ``size`` bytes; one run if it is not larger."""
+    runs: list[list[Piece]] = [[]]
+    held = 0
+    for piece in pieces:
+        if held >= size:
+            runs.append([])
+            held = 0
+        runs[-1].append(piece)
+        held += piece.length
+    if len(runs) > 1 and sum(p.length for p in runs[-1]) < size // 2:
+        runs[-2] += runs.pop()  # no small last slice
+    return runs
 
 
 def _round_up(count: int, workers: int) -> int:
@@ -454,21 +489,13 @@ def _round_up(count: int, workers: int) -> int:
     return max(1, math.ceil(count / step) * step)
 
 
-def _remove(workdir: Path, prefixes: list[str]) -> None:
-    for prefix in prefixes:
-        for stale in workdir.glob(f"{prefix}-*"):
-            stale.unlink()
-
-
-def _compounds_task(plan: InputPlan, block: int) -> tuple[Compounds, ScanResult]:
+def _compounds_task(plan: FilePlan, details_file: Path, block: int) -> ScanResult:
+    """Read compounds.csv and write the details phase 2 joins to the top compounds."""
     errors = ErrorLog()
-    try:
-        compounds = scan_compounds(plan.compounds, errors, block)
-    except FileError as exc:
-        return Compounds(), ScanResult(errors=[exc.error], error_total=1, fatal=True)
-    return compounds, ScanResult(
-        rows=len(compounds.by_id), errors=errors.errors, error_total=errors.total
-    )
+    compounds = scan_compounds(plan, errors, block)
+    details = {cid: (c.name, c.structure) for cid, c in compounds.items()}
+    write_compound_details(details_file, details)
+    return ScanResult(rows=len(compounds), errors=errors.errors, error_total=errors.total)
 
 
 def _guarded(fn: Callable[..., ScanResult]) -> Callable[..., ScanResult]:

@@ -239,7 +239,7 @@ FAILURES: list[tuple[str, Callable[[Path], None], dict[str, Any]]] = [
     (
         "duplicate_user_id_names_the_later_line",
         change(USERS, b"\n9,\tIvan", b"\n2,\tIvan"),
-        err(USERS, 11, 1, "duplicate user_id 2", "user_id"),
+        err(USERS, 11, 1, "duplicate user_id 2 (first on line 4)", "user_id"),
     ),
     (
         "duplicate_compound_id_names_the_later_line",
@@ -249,7 +249,7 @@ FAILURES: list[tuple[str, Callable[[Path], None], dict[str, Any]]] = [
     (
         "duplicate_experiment_id_names_the_later_line",
         change(EXPERIMENTS, b"\n10,\t9,", b"\n3,\t9,"),
-        err(EXPERIMENTS, 11, 1, "duplicate experiment_id 3", "experiment_id"),
+        err(EXPERIMENTS, 11, 1, "duplicate experiment_id 3 (first on line 4)", "experiment_id"),
     ),
     *(
         (

@@ -11,7 +11,9 @@ from service.pipeline.csvfile import (
     USERS,
     FilePlan,
     iter_batches,
+    block_batch,
     plan_file,
+    raw_blocks,
     split_ranges,
 )
 from service.pipeline.errors import FileError
@@ -116,14 +118,18 @@ def test_unterminated_quote_names_the_line_it_opened_on(tmp_path: Path) -> None:
     assert "unterminated" in caught.value.error.message
 
 
-def test_byte_ranges_cover_every_row_once(tmp_path: Path) -> None:
-    lines = [HEADER] + [f"{i},\tU{i},\tu{i}@x,\td".encode() for i in range(1, 500)]
-    plan = plan_file(write(tmp_path, b"\r\n".join(lines)), USERS)
-    ranges = split_ranges(plan, 7)
-    assert len(ranges) == 7
-    assert ranges[0][0] == plan.data_offset and ranges[-1][1] == plan.size
+def test_byte_ranges_cover_every_row_once_with_absolute_line_numbers(tmp_path: Path) -> None:
+    lines = [b"", HEADER] + [f"{i},\tU{i},\tu{i}@x,\td".encode() for i in range(1, 500)]
+    plan = plan_file(write(tmp_path, b"\r\n".join(lines)), USERS, block=512)
+    ranges = split_ranges(plan, 2000)
+    assert len(ranges) >= 5
+    assert ranges[0].start == plan.data_offset and ranges[-1].end == plan.size
     seen = []
-    for start, end in ranges:
-        for batch in iter_batches(plan, start, end, block=64):
-            seen += [row[0] for row in batch.rows if row]
-    assert seen == [str(i) for i in range(1, 500)]
+    for part in ranges:
+        for data, line in raw_blocks(plan.path, plan.name, part.start, part.end, 64, part.first_line):
+            batch = block_batch(plan, data, line)
+            seen += [(n, row[0]) for row, n in zip(batch.rows, batch.lines, strict=True) if row]
+    assert seen == [(line, fields[0]) for line, fields in rows_of(plan)]
+    assert seen[0] == (3, "1")
+
+

@@ -29,15 +29,17 @@ def generated(settings: Settings) -> Path:
     return directory
 
 
-@pytest.mark.parametrize("parts", [1, 2, 3, 7, 50])
-def test_byte_ranges_cover_the_data_and_start_at_line_starts(generated: Path, parts: int) -> None:
-    plan = plan_file(generated / "user_experiments.csv", EXPERIMENTS)
-    ranges = split_ranges(plan, parts)
+@pytest.mark.parametrize("target", [1, 500, 5000, 1 << 30])
+def test_byte_ranges_cover_the_data_and_know_their_first_line(generated: Path, target: int) -> None:
+    plan = plan_file(generated / "user_experiments.csv", EXPERIMENTS, block=1000)
+    ranges = split_ranges(plan, target)
     data = plan.path.read_bytes()
-    assert ranges[0][0] == plan.data_offset and ranges[-1][1] == plan.size
-    assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
-    assert all(data[start - 1 : start] == b"\n" for start, _ in ranges[1:])
-    assert len(ranges) == parts
+    assert ranges[0].start == plan.data_offset and ranges[-1].end == plan.size
+    assert all(a.end == b.start for a, b in itertools.pairwise(ranges))
+    assert all(data[r.start - 1 : r.start] == b"\n" for r in ranges[1:])
+    assert all(r.first_line == data.count(b"\n", 0, r.start) + 1 for r in ranges)
+    assert len(ranges) == (1 if target > len(data) else len(ranges))
+    assert target > len(data) or len(ranges) >= len(data) // max(target, 1000) - 1
 
 
 @pytest.mark.parametrize(

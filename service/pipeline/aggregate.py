@@ -1,25 +1,36 @@
-"""Phase 2: turn one partition's users and experiments into result rows.
+"""Phase 2: every check that needs more than one row, and the aggregation, per partition.
 
-A partition holds every user with ``user_id % partitions == p`` and all their
-experiments, so its counters are complete on their own and memory is bounded by the
-partition, never by the whole input. Sorting the spilled lines (they start with the
-user id) puts each user's experiments side by side, so there is no Python step per
-experiment: columns come from one split, and each user's run times and compounds are
-slices, summed and counted in C; counts and means are built column by column, and
+A user partition holds every user row and every experiment row whose user id hashes to
+it, so the duplicate-user check, the experiment -> user and experiment -> compound
+references and each user's counters are complete on their own: memory is bounded by the
+partition, never by the whole input. An experiment-id partition does the same for
+duplicate experiment ids (``check_experiment_ids``), before aggregation, so that the
+rows it rejects are left out of it.
+
+Sorting a partition's spilled lines (they start with the user id) puts each user's
+experiments side by side, so there is no Python step per experiment: columns come from
+one split, each user's run times and compounds are slices, summed and counted in C, and
 only the top compound takes a Python step per user.
+
+A partition larger than a task should be (one user with a third of all experiments
+makes one) is split into slices of its pieces, each aggregated on its own into an exact
+partial state, then merged: no task holds more than a slice, whoever the user.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import pickle
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from functools import lru_cache
 from itertools import accumulate, chain, groupby, repeat
-from operator import sub
 from pathlib import Path
 from typing import Any
 
+from .csvfile import FilePlan
+from .errors import ErrorLog, RowError
 from .features import (
     AverageRow,
     CountRow,
@@ -29,6 +40,7 @@ from .features import (
     average_run_time,
     top_compound,
 )
+from .scan import field_error
 from .spill import Piece, read_columns, read_lines
 
 # Counter's own C counting loop, without Counter.__init__'s Python-level dispatch: one
@@ -43,114 +55,310 @@ except ImportError:  # pragma: no cover
             mapping[item] = mapping.get(item, 0) + 1
 
 
-def aggregate_partition(
-    user_spills: Sequence[Piece],
-    experiment_spills: Sequence[Piece],
-    total_experiments: int,
-    compounds: Mapping[int, tuple[str, str]],
-) -> FeatureRows:
-    """Result rows of one partition; ``compounds`` maps an id to its name and structure.
+@dataclass
+class Checked:
+    """Errors a task found: the first ones by line, and how many in all."""
 
-    Plain tuples, not ``Compound`` objects: the mapping is pickled for every partition,
-    and 10k dataclasses took ~12 ms each way, tuples ~2.5 ms.
+    log: ErrorLog = field(default_factory=ErrorLog)
+
+    def keep(self, found: Iterable[RowError]) -> None:
+        errors = list(found)
+        self.log.extend(errors, len(errors))
+
+
+def later_occurrences(ids: Sequence[Any], lines: Sequence[int]) -> Iterator[tuple[Any, int, int]]:
+    """(id, line, line of its first occurrence) for every occurrence but the first."""
+    if len(set(ids)) == len(ids):
+        return
+    first: dict[Any, int] = {}
+    for i in sorted(range(len(ids)), key=lines.__getitem__):
+        seen = first.setdefault(ids[i], lines[i])
+        if seen != lines[i]:
+            yield ids[i], lines[i], seen
+
+
+@dataclass
+class IdCheck(Checked):
+    """Duplicate experiment ids in one experiment-id partition."""
+
+    rejected: list[int] = field(default_factory=list)  # lines of the later occurrences
+
+
+def check_experiment_ids(pieces: Sequence[Piece], plan: FilePlan) -> IdCheck:
+    """Find repeated experiment ids; each later occurrence names the line of the first."""
+    flat = ",".join(read_lines(pieces)).split(",")
+    eids = flat[0::2]
+    result = IdCheck()
+    if len(set(eids)) == len(eids):
+        return result
+    repeats = list(later_occurrences(eids, list(map(int, flat[1::2]))))
+    result.rejected = [line for _, line, _ in repeats]
+    result.keep(
+        field_error(
+            plan, line, "experiment_id", f"duplicate experiment_id {eid} (first on line {first})"
+        )
+        for eid, line, first in repeats
+    )
+    return result
+
+
+@dataclass(frozen=True)
+class PartitionJob:
+    """One user partition (or a slice of its experiments) and what checking it needs."""
+
+    users: Sequence[Piece]
+    experiments: Sequence[Piece]
+    total_experiments: int  # valid experiments in the whole input: the share's divisor
+    compounds_file: Path
+    users_plan: FilePlan
+    experiments_plan: FilePlan
+    rejected: frozenset[int] = frozenset()  # experiment lines already rejected
+
+
+@dataclass
+class PartitionResult(Checked):
+    rows: FeatureRows = field(default_factory=lambda: FeatureRows([], [], []))
+    users: int = 0  # users kept
+    experiments: int = 0  # experiments kept
+    rejected: int = 0  # experiments rejected here (unknown user or compound)
+
+
+@dataclass
+class SliceResult(Checked):
+    """A slice's exact partial state: user id text -> [count, run-time parts, tally]."""
+
+    state: dict[str, tuple[int, list[float], dict[str, int]]] = field(default_factory=dict)
+    experiments: int = 0
+    rejected: int = 0
+
+
+class _Groups:
+    """A partition's experiment lines, sorted and grouped by user, with bad rows out."""
+
+    def __init__(self, job: PartitionJob, names: Mapping[int, str], checked: Checked) -> None:
+        lines = read_lines(job.experiments)
+        if job.rejected:
+            lines = [ln for ln in lines if int(ln.rpartition(",")[2]) not in job.rejected]
+        known = _known_compounds(job.compounds_file)
+        self.rejected = 0
+        while True:
+            self._group(lines)
+            bad = self._bad_rows(job.experiments_plan, names, known)
+            if not bad:
+                return
+            # Rare: leave the bad rows out and group again.
+            checked.keep(bad.values())
+            self.rejected += len(bad)
+            lines = [ln for ln in lines if int(ln.rpartition(",")[2]) not in bad]
+
+    def _group(self, lines: list[str]) -> None:
+        lines.sort()
+        flat = ",".join(lines).split(",") if lines else []
+        self.lists, self.times, self.lines = flat[1::4], flat[2::4], flat[3::4]
+        self.keys: list[str] = []
+        self.ns: list[int] = []
+        for key, run in groupby(flat[0::4]):
+            self.keys.append(key)
+            self.ns.append(len(list(run)))
+        ends = list(accumulate(self.ns))
+        self.spans = list(map(slice, chain((0,), ends), ends))
+        self.uids = list(map(int, self.keys))
+        self.tallies = list(map(self._tally, self.spans))
+
+    def _tally(self, span: slice) -> dict[str, int]:
+        # A compound listed twice in one experiment still counts once for it.
+        tally: dict[str, int] = {}
+        count_into(
+            tally, chain.from_iterable(map(set, map(str.split, self.lists[span], repeat(";"))))
+        )
+        tally.pop("", None)  # experiments without compounds
+        return tally
+
+    def _bad_rows(
+        self, plan: FilePlan, names: Mapping[int, str], known: frozenset[str]
+    ) -> dict[int, RowError]:
+        bad: dict[int, RowError] = {}
+        for uid, span in zip(self.uids, self.spans, strict=True):
+            if uid not in names:
+                message = f"unknown user_id {uid} (not in users.csv)"
+                for line in map(int, self.lines[span]):
+                    bad[line] = field_error(plan, line, "user_id", message)
+        if known.issuperset(chain.from_iterable(self.tallies)):
+            return bad
+        for uid, span, tally in zip(self.uids, self.spans, self.tallies, strict=True):
+            if uid in names and not known.issuperset(tally):
+                for listed, line in zip(self.lists[span], map(int, self.lines[span]), strict=True):
+                    missing = next((c for c in listed.split(";") if c and c not in known), None)
+                    if missing is not None:
+                        message = f"unknown compound_id {missing} (not in compounds.csv)"
+                        bad[line] = field_error(plan, line, "experiment_compound_ids", message)
+        return bad
+
+    def run_times(self) -> Iterator[Iterable[float]]:
+        """Each user's run times, as floats."""
+        floats = _floats(self.times)
+        return map(floats.__getitem__, self.spans)
+
+
+def _floats(texts: list[str]) -> list[float]:
+    """``float()`` of each text; JSON reads the whole column in one C call when it can
+    (the same correctly rounded values; "007", ".5" and "1." are not JSON numbers)."""
+    try:
+        values: list[float] = json.loads(f"[{','.join(texts)}]")
+    except ValueError:
+        return list(map(float, texts))
+    return values
+
+
+def _users(job: PartitionJob, checked: Checked | None) -> dict[int, str]:
+    """The partition's users by id; a repeated id keeps its first row."""
+    uids: list[int] = []
+    names: list[str] = []
+    lines: list[int] = []
+    for batch_ids, batch_names, batch_lines in read_columns(job.users):
+        uids += batch_ids
+        names += batch_names
+        lines += batch_lines
+    repeats = list(later_occurrences(uids, lines))
+    if not repeats:
+        return dict(zip(uids, names, strict=True))
+    if checked is not None:
+        plan = job.users_plan
+        checked.keep(
+            field_error(plan, line, "user_id", f"duplicate user_id {uid} (first on line {first})")
+            for uid, line, first in repeats
+        )
+    later = {line for _, line, _ in repeats}
+    return {u: n for u, n, ln in zip(uids, names, lines, strict=True) if ln not in later}
+
+
+def aggregate_partition(job: PartitionJob) -> PartitionResult:
+    """Check one whole user partition and compute its result rows."""
+    result = PartitionResult()
+    names = _users(job, result)
+    groups = _Groups(job, names, result)
+    result.rows = _rows(
+        names, groups.uids, groups.ns, groups.run_times(), groups.tallies, job, result
+    )
+    result.rejected = groups.rejected
+    return result
+
+
+def aggregate_slice(job: PartitionJob) -> SliceResult:
+    """Check a slice of a user partition's experiments into an exact partial state."""
+    result = SliceResult()
+    names = _users(job, None)  # the merge reports the users' own errors, once
+    groups = _Groups(job, names, result)
+    for key, n, times, tally in zip(
+        groups.keys, groups.ns, groups.run_times(), groups.tallies, strict=True
+    ):
+        result.state[key] = (n, exact_parts(times), tally)
+    result.experiments = sum(groups.ns)
+    result.rejected = groups.rejected
+    return result
+
+
+def merge_slices(job: PartitionJob, slices: Sequence[SliceResult]) -> PartitionResult:
+    """The result rows of a split partition from its slices' partial states."""
+    result = PartitionResult()
+    names = _users(job, result)
+    merged: dict[str, tuple[int, list[float], dict[str, int]]] = {}
+    for part in slices:
+        result.log.extend(part.log.errors, part.log.total)
+        result.rejected += part.rejected
+        for key, (n, parts, tally) in part.state.items():
+            if key not in merged:
+                merged[key] = (n, parts, tally)
+                continue
+            total_n, all_parts, all_tally = merged[key]
+            for compound, count in tally.items():
+                all_tally[compound] = all_tally.get(compound, 0) + count
+            merged[key] = (total_n + n, all_parts + parts, all_tally)
+    keys = sorted(merged)
+    states = list(map(merged.__getitem__, keys))
+    result.rows = _rows(
+        names,
+        list(map(int, keys)),
+        [s[0] for s in states],
+        [s[1] for s in states],
+        [s[2] for s in states],
+        job,
+        result,
+    )
+    return result
+
+
+def exact_parts(values: Iterable[float]) -> list[float]:
+    """Floats whose exact sum is the exact sum of ``values`` (a few, however many values).
+
+    ``fsum`` rounds the exact sum once; what it rounded off is again an exact sum of
+    floats, taken the same way until nothing is left. ``fsum`` of the parts, of parts
+    of several slices together, is then exactly ``fsum`` of all the values.
     """
-    names: dict[int, str] = {}
-    for ids, user_names in read_columns(user_spills):
-        names.update(zip(ids, user_names, strict=True))
-    lines = read_lines(experiment_spills).split("\n")
-    lines.pop()
-    lines.sort()
-    flat = ",".join(lines).split(",") if lines else []
-    del lines
-    lists, times = flat[1::3], flat[2::3]
-    # The lines are sorted, so each user's are one run: counted by comparing neighbours
-    # (~5 ms per partition) rather than hashing every user id again (~8 ms).
-    uid_texts: list[str] = []
-    ns: list[int] = []
-    for uid_text, run in groupby(flat[0::3]):
-        uid_texts.append(uid_text)
-        ns.append(len(list(run)))
-    del flat
-    # Users with experiments, column by column: counts and means need no Python step.
-    uids = list(map(int, uid_texts))
-    ends = list(accumulate(ns))
-    spans = list(map(slice, chain((0,), ends), ends))
+    items = list(values)
+    parts: list[float] = []
+    while (total := math.fsum(items)) != 0.0:
+        parts.append(total)
+        items.append(-total)
+    return parts
+
+
+def _rows(
+    names: Mapping[int, str],
+    uids: list[int],
+    ns: list[int],
+    run_times: Iterable[Iterable[float]],
+    tallies: Iterable[dict[str, int]],
+    job: PartitionJob,
+    result: PartitionResult,
+) -> FeatureRows:
+    """Result rows: users with experiments column by column, then the idle users."""
+    total = job.total_experiments
     known = list(map(names.__getitem__, uids))
-    shares = map(average_experiments, ns, repeat(total_experiments))
-    means = _mean_run_times(times, ends, spans, ns)
+    shares = map(average_experiments, ns, repeat(total))
+    means = map(average_run_time, run_times, ns)
     counts: list[CountRow] = list(zip(uids, known, ns, strict=True))
     averages: list[AverageRow] = list(zip(uids, known, shares, means, strict=True))
     idle = sorted(names.keys() - set(uids))
     idle_names = list(map(names.__getitem__, idle))
     counts += zip(idle, idle_names, repeat(0))
     averages += zip(
-        idle,
-        idle_names,
-        repeat(average_experiments(0, total_experiments)),
-        repeat(average_run_time((), 0)),
+        idle, idle_names, repeat(average_experiments(0, total)), repeat(average_run_time((), 0))
     )
+    details = compound_details(job.compounds_file)
     tops: list[TopRow] = []
-    split, semicolons = str.split, repeat(";")
-    for uid, span in zip(uids, spans, strict=True):
-        # A compound listed twice in one experiment still counts once for it.
-        tally: dict[str, int] = {}
-        count_into(tally, chain.from_iterable(map(set, map(split, lists[span], semicolons))))
-        tally.pop("", None)  # experiments without compounds
+    for uid, tally in zip(uids, tallies, strict=True):
         top = top_compound(tally)
         if top is not None:
             cid, count, ties = top
-            name, structure = compounds[cid]
+            name, structure = details[cid]
             tops.append((uid, cid, name, structure, count, ties))
+    result.users = len(names)
+    result.experiments = sum(ns)
     return FeatureRows(counts, averages, tops)
 
 
-EXACT = 2**53  # integers below this are floats exactly
+def write_compound_details(path: Path, details: Mapping[int, tuple[str, str]]) -> None:
+    """The compounds for phase 2, written once per run and read once per worker."""
+    with path.open("wb") as f:
+        pickle.dump(dict(details), f, protocol=5)
 
 
-def _mean_run_times(
-    times: list[str], ends: list[int], spans: list[slice], ns: list[int]
-) -> Iterator[float | None]:
-    """Each user's ``average_run_time``; user i's run times are ``times[spans[i]]``.
-
-    Run times are usually whole numbers. Then a user's total, the difference of two
-    integer prefix sums, is exact; below 2**53 it is also what ``fsum`` of the floats
-    gives, so the rule is applied to that one total instead of to each time. ``json``
-    reads the whole column in one C call (~3 ms per 67k, ``int()`` each ~6 ms); a time
-    it reads as a float ("1.5") or cannot read ("007") sends the column the plain way.
-    """
-    try:
-        totals = list(accumulate(json.loads(f"[{','.join(times)}]"), initial=0))
-    except ValueError:  # not all JSON numbers: "007" and "1." are not ("1.5" reads as a float)
-        totals = []
-    if totals and type(totals[-1]) is int and totals[-1] < EXACT:
-        starts = map(totals.__getitem__, chain((0,), ends))
-        sums = map(sub, map(totals.__getitem__, ends), starts)
-        return map(average_run_time, zip(sums), ns)
-    return map(average_run_time, map(map, repeat(float), map(times.__getitem__, spans)), ns)
+def compound_details(path: Path) -> dict[int, tuple[str, str]]:
+    return _load_details(path, path.stat().st_mtime_ns)
 
 
-def aggregate_spilled(
-    user_spills: Sequence[Piece],
-    experiment_spills: Sequence[Piece],
-    total_experiments: int,
-    compounds_file: Path,
-) -> FeatureRows:
-    """``aggregate_partition`` with the compounds from a pickle file written once per run.
-
-    Each worker process reads the file once per run instead of receiving the mapping
-    with every partition task (150 tasks at 10M, ~5 ms of pickling each).
-    """
-    details = compound_details(compounds_file, compounds_file.stat().st_mtime_ns)
-    return aggregate_partition(user_spills, experiment_spills, total_experiments, details)
+def _known_compounds(path: Path) -> frozenset[str]:
+    return _known(path, path.stat().st_mtime_ns)
 
 
 @lru_cache(maxsize=1)
-def compound_details(path: Path, _mtime_ns: int) -> dict[int, tuple[str, str]]:
+def _load_details(path: Path, _mtime_ns: int) -> dict[int, tuple[str, str]]:
     with path.open("rb") as f:
         details: dict[int, tuple[str, str]] = pickle.load(f)
     return details
 
 
-def write_compound_details(path: Path, details: Mapping[int, tuple[str, str]]) -> None:
-    with path.open("wb") as f:
-        pickle.dump(dict(details), f, protocol=5)
+@lru_cache(maxsize=1)
+def _known(path: Path, mtime_ns: int) -> frozenset[str]:
+    return frozenset(map(str, _load_details(path, mtime_ns)))

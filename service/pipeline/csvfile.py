@@ -13,7 +13,6 @@ import csv
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from itertools import pairwise
 from pathlib import Path
 
 from .errors import FileError, RowError
@@ -58,9 +57,21 @@ class FilePlan:
     width: int  # number of fields in the header
     quoted: bool  # the data contains a quote: must be read by one sequential reader
     lone_cr: bool  # some line ends are a bare CR: cannot be split at LF
+    # Where the data may be cut into byte ranges: (offset of a line start, its line
+    # number), about one per planning block; the first is the data's own start.
+    cuts: tuple[tuple[int, int], ...] = ()
 
     def splittable(self) -> bool:
         return not (self.quoted or self.lone_cr)
+
+
+@dataclass(frozen=True)
+class ByteRange:
+    """``[start, end)`` of a file, starting at a line start whose number is ``first_line``."""
+
+    start: int
+    end: int
+    first_line: int
 
 
 def find_file(directory: Path, spec: TableSpec) -> Path:
@@ -76,18 +87,29 @@ def find_file(directory: Path, spec: TableSpec) -> Path:
     return present[0]
 
 
-def _scan_bytes(path: Path, start: int, block: int) -> tuple[bool, bool]:
-    """Whether the data holds a quote and whether it has bare-CR line ends.
+def _scan_bytes(
+    path: Path, start: int, first_line: int, block: int
+) -> tuple[bool, bool, list[tuple[int, int]]]:
+    """Whether the data holds a quote, whether it has bare-CR line ends, and cut points.
 
-    A line too long for any reader stops the scan early, reported as quoted: the one
-    sequential reader then fails on it without this scan reading a huge file to the end.
+    A cut point is the start of the line after each block's last LF, with its line
+    number (counted in LFs, which is exact where there is no bare CR). A line too long
+    for any reader stops the scan early, reported as quoted: the one sequential reader
+    then fails on it without this scan reading a huge file to the end.
     """
     quoted = lone_cr = False
     run = 0  # bytes since the last line end
+    cuts = [(start, first_line)]
+    offset, lines = start, first_line
     with path.open("rb") as f:
         f.seek(start)
         tail = b""
         while chunk := f.read(block):
+            last_lf = chunk.rfind(b"\n")
+            if last_lf >= 0:
+                cuts.append((offset + last_lf + 1, lines + chunk.count(b"\n")))
+            offset += len(chunk)
+            lines += chunk.count(b"\n")
             quoted = quoted or b'"' in chunk
             if not lone_cr and b"\r" in chunk:
                 both = tail + chunk
@@ -96,9 +118,9 @@ def _scan_bytes(path: Path, start: int, block: int) -> tuple[bool, bool]:
             line_end = max(chunk.rfind(b"\n"), chunk.rfind(b"\r"))
             run = run + len(chunk) if line_end < 0 else len(chunk) - line_end - 1
             if run > MAX_LINE_CHARS * 4:
-                return True, lone_cr
+                return True, lone_cr, cuts
         lone_cr = lone_cr or tail == b"\r"
-    return quoted, lone_cr
+    return quoted, lone_cr, [c for c in cuts if c[0] < offset]
 
 
 def plan_file(path: Path, spec: TableSpec, block: int = 8 * 1024 * 1024) -> FilePlan:
@@ -119,8 +141,10 @@ def plan_file(path: Path, spec: TableSpec, block: int = 8 * 1024 * 1024) -> File
                 RowError(name, header_line, hits[1] + 1, f"duplicate column {wanted!r}", wanted)
             )
         columns[wanted] = hits[0]
-    quoted, lone_cr = _scan_bytes(path, offset, block)
-    return FilePlan(path, name, size, offset, header_line, columns, len(header), quoted, lone_cr)
+    quoted, lone_cr, cuts = _scan_bytes(path, offset, header_line + 1, block)
+    return FilePlan(
+        path, name, size, offset, header_line, columns, len(header), quoted, lone_cr, tuple(cuts)
+    )
 
 
 _LINE = re.compile(rb"([^\r\n]*)(\r\n|\r|\n|$)")
@@ -439,28 +463,22 @@ def _csv_failure(name: str, lines: list[str], first_line: int, exc: csv.Error) -
     return FileError(RowError(name, first_line, None, f"CSV error: {exc}"))
 
 
-def split_ranges(plan: FilePlan, parts: int) -> list[tuple[int, int]]:
-    """Cut the data into about ``parts`` byte ranges that start at line starts."""
+def split_ranges(plan: FilePlan, target: int) -> list[ByteRange]:
+    """Cut the data into byte ranges of about ``target`` bytes (at least one planning
+    block each) that start at line starts with known line numbers.
+
+    A file that cannot be split (quotes, bare CRs) is one range.
+    """
     begin, end = plan.data_offset, plan.size
-    if parts <= 1 or not plan.splittable() or end - begin < 2:
-        return [(begin, end)]
-    step = (end - begin) // parts
-    cuts = [begin]
-    with plan.path.open("rb") as f:
-        for k in range(1, parts):
-            target = max(begin + k * step, cuts[-1])
-            f.seek(target)
-            window = f.read(MAX_LINE_CHARS * 4 + 1)
-            nl = window.find(b"\n")
-            if nl < 0:
-                break
-            cut = target + nl + 1
-            if cut >= end:
-                break
-            if cut > cuts[-1]:
-                cuts.append(cut)
-    cuts.append(end)
-    return list(pairwise(cuts))
+    whole = [ByteRange(begin, end, plan.header_line + 1)]
+    if not plan.splittable() or len(plan.cuts) < 2:
+        return whole
+    chosen = [plan.cuts[0]]
+    for cut in plan.cuts[1:]:
+        if cut[0] - chosen[-1][0] >= target and end - cut[0] >= target // 2:
+            chosen.append(cut)
+    ends = [c[0] for c in chosen[1:]] + [end]
+    return [ByteRange(s, e, line) for (s, line), e in zip(chosen, ends, strict=True)]
 
 
 def count_fields_error(

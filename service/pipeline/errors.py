@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import heapq
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from itertools import chain
 
 MAX_REPORTED_ERRORS = 100
 
@@ -33,11 +36,9 @@ class RowError:
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
 
-    def shifted(self, lines: int) -> RowError:
-        """The same error with its line moved down by ``lines`` (for byte-range tasks)."""
-        if self.line is None or lines == 0:
-            return self
-        return RowError(self.file, self.line + lines, self.column, self.message, self.field)
+
+def _by_line(error: RowError) -> tuple[int, int, int]:
+    return 0, error.line or 0, error.column or 0
 
 
 class FileError(Exception):
@@ -49,10 +50,19 @@ class FileError(Exception):
 
 
 class ErrorLog:
-    """Keeps the first errors and counts all of them."""
+    """Keeps the first errors and counts all of them.
 
-    def __init__(self, keep: int = MAX_REPORTED_ERRORS) -> None:
+    ``add`` keeps errors in the order they come (a scan meets them in line order);
+    ``extend`` merges the first errors of other logs, keeping the first by ``order``.
+    """
+
+    def __init__(
+        self,
+        keep: int = MAX_REPORTED_ERRORS,
+        order: Callable[[RowError], tuple[int, int, int]] | None = None,
+    ) -> None:
         self.keep = keep
+        self.order = order or _by_line
         self.errors: list[RowError] = []
         self.total = 0
 
@@ -61,9 +71,8 @@ class ErrorLog:
         if len(self.errors) < self.keep:
             self.errors.append(error)
 
-    def extend(self, errors: list[RowError], total: int, shift: int = 0) -> None:
-        for error in errors[: max(0, self.keep - len(self.errors))]:
-            self.errors.append(error.shifted(shift))
+    def extend(self, errors: list[RowError], total: int) -> None:
+        self.errors = heapq.nsmallest(self.keep, chain(self.errors, errors), key=self.order)
         self.total += total
 
     def __bool__(self) -> bool:

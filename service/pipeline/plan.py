@@ -15,12 +15,18 @@ class InputPlan:
     experiments: FilePlan
     compounds: FilePlan
 
+    def rank(self, error: RowError) -> tuple[int, int, int]:
+        """Errors are reported file by file (compounds, users, experiments), by line."""
+        files = (self.compounds.name, self.users.name, self.experiments.name)
+        rank = files.index(error.file) if error.file in files else len(files)
+        return rank, error.line or 0, error.column or 0
+
     @property
     def total_bytes(self) -> int:
         return self.users.size + self.experiments.size + self.compounds.size
 
 
-def plan_inputs(directory: Path) -> InputPlan:
+def plan_inputs(directory: Path, block: int = 8 << 20) -> InputPlan:
     """Check the directory's three files and headers; report every problem at once."""
     if not directory.is_dir():
         raise InputError([RowError(str(directory), None, None, "input directory not found")])
@@ -28,7 +34,7 @@ def plan_inputs(directory: Path) -> InputPlan:
     errors: list[RowError] = []
     for spec in (USERS, EXPERIMENTS, COMPOUNDS):
         try:
-            plans.append(plan_file(find_file(directory, spec), spec))
+            plans.append(plan_file(find_file(directory, spec), spec, block))
         except FileError as exc:
             errors.append(exc.error)
         except OSError as exc:

@@ -1,10 +1,16 @@
-"""Phase 1: read each file once, validate every row, route valid rows to partitions.
+"""Phase 1: read each byte range of a file once, check every field, spill by partition.
 
-Compounds are few and kept in memory. Users and experiments are written to per-partition
-spill files (partition = user_id % partitions), so phase 2 can aggregate one partition
-at a time with memory bounded by the partition, not the input. Each batch is validated
-by column-wide checks first; only a batch that fails them is walked row by row, which
-is also where every error message comes from.
+A scan task needs nothing from the other files and keeps no state beyond its block: the
+checks that need more than one row (duplicate ids, references between files) are made
+later, per partition, where all rows with the same key meet. Each block is validated by
+column-wide checks first; only a block that fails them is walked row by row, which is
+also where every field error's message comes from. Line numbers are absolute: a range
+knows the number of its first line from the plan.
+
+What is spilled, each row under the canonical text of its key:
+- users, by user id: pickled (user ids, names, line numbers) column batches;
+- experiments, by user id: lines ``user_id,compound_ids,run_time,line``;
+- experiments, by experiment id: lines ``experiment_id,line``.
 """
 
 from __future__ import annotations
@@ -16,29 +22,19 @@ from pathlib import Path
 from . import fastpath
 from .csvfile import (
     Batch,
+    ByteRange,
     FilePlan,
     block_batch,
     block_lines,
     count_fields_error,
     iter_batches,
-    line_count,
     raw_blocks,
 )
 from .errors import ErrorLog, RowError
-from .fields import (
-    FieldError,
-    IdSet,
-    IdSpan,
-    Referenced,
-    compound_lists_known,
-    id_limit,
-    ids_column,
-    parse_compound_list,
-    parse_id,
-    parse_run_time,
-    run_times_column,
-)
-from .spill import ColumnSpill, LineSpill, Piece
+from .fields import FieldError, parse_compound_list, parse_id, parse_run_time
+from .spill import ColumnSpill, LineSpill, Piece, canonical_keys, partitions_of
+
+Stop = Callable[[], None]  # raises when the run is cancelled
 
 
 @dataclass(frozen=True)
@@ -49,26 +45,14 @@ class Compound:
 
 
 @dataclass
-class Compounds:
-    """Compounds by id, plus the canonical id text used to check lists quickly."""
-
-    by_id: dict[int, Compound] = field(default_factory=dict)
-    by_text: dict[str, int] = field(default_factory=dict)
-
-
-@dataclass
 class ScanResult:
-    """What a scan of one file (or one byte range of it) found."""
+    """What a scan of one byte range of a file found."""
 
-    rows: int = 0  # valid rows kept
-    lines: int = 0  # physical lines covered, to shift later ranges' line numbers
+    rows: int = 0  # rows whose fields are valid, spilled
     errors: list[RowError] = field(default_factory=list)
     error_total: int = 0
-    ids: IdSet = field(default_factory=IdSet)
-    span: IdSpan | None = None  # an experiments range's ids, compact for sending back
-    users: IdSpan | None = None  # user ids referenced, when scanned before users.csv was read
     fatal: bool = False  # a file-level error stopped the scan
-    pieces: list[list[Piece]] = field(default_factory=list)  # spilled rows, by partition
+    spills: dict[str, list[list[Piece]]] = field(default_factory=dict)  # kind -> by partition
 
 
 def _stripped(
@@ -78,9 +62,9 @@ def _stripped(
     rows = batch.rows
     if set(map(len, rows)) == {width} and rows:
         stripped = [list(map(str.strip, row)) for row in rows]
-        return stripped, list(range(len(rows)))
+        return stripped, list(batch.lines)
     kept: list[list[str]] = []
-    where: list[int] = []
+    lines: list[int] = []
     for i, row in enumerate(rows):
         if not row or (len(row) == 1 and not row[0].strip()):
             continue
@@ -88,242 +72,163 @@ def _stripped(
             log.add(count_fields_error(name, batch.lines[i], len(row), width, row[-1]))
             continue
         kept.append(list(map(str.strip, row)))
-        where.append(i)
-    return kept, where
+        lines.append(batch.lines[i])
+    return kept, lines
 
 
-def _field_error(plan: FilePlan, line: int, column: str, exc: FieldError | str) -> RowError:
+def field_error(plan: FilePlan, line: int, column: str, exc: FieldError | str) -> RowError:
     return RowError(plan.name, line, plan.columns[column] + 1, str(exc), column)
 
 
-def _batches(plan: FilePlan, start: int | None, end: int | None, block: int) -> Iterator[Batch]:
-    yield from iter_batches(plan, start, end, block)
+def _raw_or_batches(
+    plan: FilePlan, part: ByteRange, block: int, fast: bool
+) -> Iterator[tuple[bytes, int] | Batch]:
+    """Raw blocks where a fast path may take them, parsed batches elsewhere."""
+    if not plan.splittable():  # one sequential reader, over the whole file
+        assert part.start == plan.data_offset and part.end == plan.size
+        yield from iter_batches(plan, block=block)
+        return
+    size = min(block, fastpath.BLOCK) if fast else block
+    for data, line_no in raw_blocks(
+        plan.path, plan.name, part.start, part.end, size, part.first_line
+    ):
+        yield (data, line_no) if fast else block_batch(plan, data, line_no)
 
 
-def scan_compounds(plan: FilePlan, log: ErrorLog, block: int = 8 << 20) -> Compounds:
-    compounds = Compounds()
+def scan_compounds(plan: FilePlan, log: ErrorLog, block: int = 8 << 20) -> dict[int, Compound]:
+    """Compounds by id: a dimension table, small enough to be read whole by every task."""
+    compounds: dict[int, Compound] = {}
     col_id, col_name, col_struct = (
         plan.columns[c] for c in ("compound_id", "compound_name", "compound_structure")
     )
     first_line: dict[int, int] = {}
-    for batch in _batches(plan, None, None, block):
-        rows, where = _stripped(batch, plan.width, plan.name, log)
-        for row, i in zip(rows, where, strict=True):
-            line = batch.lines[i]
+    whole = ByteRange(plan.data_offset, plan.size, plan.header_line + 1)
+    for batch in _raw_or_batches(plan, whole, block, fast=False):
+        assert isinstance(batch, Batch)
+        rows, lines = _stripped(batch, plan.width, plan.name, log)
+        for row, line in zip(rows, lines, strict=True):
             try:
                 cid = parse_id(row[col_id])
             except FieldError as exc:
-                log.add(_field_error(plan, line, "compound_id", exc))
+                log.add(field_error(plan, line, "compound_id", exc))
                 continue
-            if cid in compounds.by_id:
-                log.add(
-                    _field_error(
-                        plan,
-                        line,
-                        "compound_id",
-                        f"duplicate compound_id {cid} (first on line {first_line[cid]})",
-                    )
-                )
+            if cid in compounds:
+                message = f"duplicate compound_id {cid} (first on line {first_line[cid]})"
+                log.add(field_error(plan, line, "compound_id", message))
                 continue
             first_line[cid] = line
-            compounds.by_id[cid] = Compound(cid, row[col_name], row[col_struct])
-            compounds.by_text[str(cid)] = cid
+            compounds[cid] = Compound(cid, row[col_name], row[col_struct])
     return compounds
 
 
 def scan_users(
-    plan: FilePlan, spill_dir: Path, partitions: int, block: int = 8 << 20
+    plan: FilePlan,
+    part: ByteRange,
+    spill_dir: Path,
+    prefix: str,
+    partitions: int,
+    block: int = 8 << 20,
+    stop: Stop | None = None,
 ) -> ScanResult:
-    """Validate users.csv; spill (user_id, name) by partition; return the set of ids."""
+    """Check a range of users.csv; spill (user_id, name, line) by user partition."""
     log = ErrorLog()
     result = ScanResult()
     col_id, col_name = plan.columns["user_id"], plan.columns["name"]
-    with ColumnSpill(spill_dir, "users", partitions) as spill:
-        for batch in _user_batches(plan, block, result, spill):
-            if batch is None:
-                continue  # taken by the fast path
+    with ColumnSpill(spill_dir, prefix, partitions) as spill:
+        for item in _raw_or_batches(plan, part, block, fast=True):
+            if stop is not None:
+                stop()
+            if isinstance(item, Batch):
+                batch = item
+            else:
+                data, line_no = item
+                text_lines = block_lines(data, plan.name, line_no)
+                taken = fastpath.user_block(text_lines, plan)
+                if taken is not None:
+                    uids, names = taken
+                    lines: list[int] | range = range(line_no, line_no + len(uids))
+                    spill.write(partitions_of(canonical_keys(uids), partitions), uids, names, lines)
+                    result.rows += len(uids)
+                    continue
+                batch = block_batch(plan, data, line_no)
             rows, where = _stripped(batch, plan.width, plan.name, log)
-            ids = ids_column([r[col_id] for r in rows])
-            if ids is None or not result.ids.add_new(ids):
-                ids, rows = _users_slowly(plan, batch, rows, where, result.ids, log)
-            spill.write(ids, [r[col_name] for r in rows])
-            result.rows += len(ids)
+            uids, names, lines = [], [], []
+            for row, line in zip(rows, where, strict=True):
+                try:
+                    uids.append(parse_id(row[col_id]))
+                except FieldError as exc:
+                    log.add(field_error(plan, line, "user_id", exc))
+                    continue
+                names.append(row[col_name])
+                lines.append(line)
+            spill.write(partitions_of(canonical_keys(uids), partitions), uids, names, lines)
+            result.rows += len(uids)
     result.errors, result.error_total = log.errors, log.total
-    result.pieces = spill.pieces
+    result.spills = {"users": spill.pieces}
     return result
-
-
-def _user_batches(
-    plan: FilePlan, block: int, result: ScanResult, spill: ColumnSpill
-) -> Iterator[Batch | None]:
-    """Blocks the fast path takes are spilled here (None); the others come as batches."""
-    if not plan.splittable():
-        yield from _batches(plan, None, None, block)
-        return
-    first = plan.header_line + 1
-    block = min(block, fastpath.BLOCK)
-    blocks = raw_blocks(plan.path, plan.name, plan.data_offset, plan.size, block, first)
-    for data, line_no in blocks:
-        lines = block_lines(data, plan.name, line_no)
-        taken = fastpath.user_block(lines, plan, result.ids)
-        if taken is None:
-            yield block_batch(plan, data, line_no)
-            continue
-        spill.write(*taken)
-        result.rows += len(lines)
-        yield None
-
-
-def _users_slowly(
-    plan: FilePlan,
-    batch: Batch,
-    rows: list[list[str]],
-    where: list[int],
-    seen: IdSet,
-    log: ErrorLog,
-) -> tuple[list[int], list[list[str]]]:
-    col_id = plan.columns["user_id"]
-    ids: list[int] = []
-    kept: list[list[str]] = []
-    for row, i in zip(rows, where, strict=True):
-        line = batch.lines[i]
-        try:
-            uid = parse_id(row[col_id])
-        except FieldError as exc:
-            log.add(_field_error(plan, line, "user_id", exc))
-            continue
-        if not seen.add(uid):
-            log.add(_field_error(plan, line, "user_id", f"duplicate user_id {uid}"))
-            continue
-        ids.append(uid)
-        kept.append(row)
-    return ids, kept
-
-
-@dataclass(frozen=True)
-class ExperimentContext:
-    """What an experiments scan needs from the earlier files.
-
-    Without ``users`` (users.csv still being read) every user id passes and the ids
-    referenced come back in ``ScanResult.users``, for the caller to check afterwards.
-    """
-
-    users: IdSet | Referenced | None
-    compounds: dict[str, int]  # canonical id text -> id
 
 
 def scan_experiments(
     plan: FilePlan,
-    context: ExperimentContext,
+    part: ByteRange,
     spill_dir: Path,
+    prefix: str,
     partitions: int,
-    prefix: str = "exp",
-    byte_range: tuple[int, int] | None = None,
     block: int = 8 << 20,
-    on_batch: Callable[[int], None] | None = None,
+    stop: Stop | None = None,
 ) -> ScanResult:
-    """Validate experiments in a byte range; spill (user_id, run_time, compounds).
-
-    With a ``byte_range``, line numbers in errors are relative to the range start and
-    ``result.lines`` says how many lines the range holds.
-    """
+    """Check a range of the experiments; spill each valid row by user and by experiment id."""
     log = ErrorLog()
     result = ScanResult()
-    referenced = Referenced() if context.users is None else None
-    if referenced is not None:
-        context = ExperimentContext(referenced, context.compounds)
-    start, end = byte_range if byte_range else (None, None)
-    c = plan.columns
-    ce, cu, cc, ct = (
-        c["experiment_id"],
-        c["user_id"],
-        c["experiment_compound_ids"],
-        c["experiment_run_time"],
-    )
-    with LineSpill(spill_dir, prefix, partitions) as spill:
-        for batch in _experiment_batches(plan, start, end, block, context, result, spill):
-            if on_batch is not None:
-                on_batch(0)
-            if batch is None:
-                continue  # taken by the fast path
-            if batch.lines:
-                result.lines = batch.lines[-1] - (0 if byte_range else plan.header_line)
-            rows, where = _stripped(batch, plan.width, plan.name, log)
-            columns = list(zip(*rows, strict=True)) if rows else [(), (), (), ()]
-            eids = ids_column(columns[ce]) if rows else []
-            uids = ids_column(columns[cu]) if rows else []
-            times = run_times_column(columns[ct]) if rows else []
-            comps = list(columns[cc]) if rows else []
-            fast = (
-                eids is not None
-                and uids is not None
-                and times is not None
-                and compound_lists_known(comps, context.compounds)
-                and context.users is not None
-                and context.users.contains_all(uids)
-                and result.ids.add_new(eids)
+    fast = fastpath.eligible(plan)
+    with (
+        LineSpill(spill_dir, f"{prefix}-u", partitions) as by_user,
+        LineSpill(spill_dir, f"{prefix}-e", partitions) as by_id,
+    ):
+        for item in _raw_or_batches(plan, part, block, fast):
+            if stop is not None:
+                stop()
+            columns = None
+            if isinstance(item, Batch):
+                batch = item
+            else:
+                data, line_no = item
+                columns = fastpath.experiment_block(data)
+                if columns is None:
+                    batch = block_batch(plan, data, line_no)
+                else:
+                    count = len(columns[0])
+                    lines = _line_texts(range(line_no, line_no + count))
+            if columns is None:
+                columns, lines = _experiments_slowly(plan, batch, log)
+            eids, uids, comps, times = columns
+            user_rows = list(map(b",".join, zip(uids, comps, times, lines, strict=True)))
+            by_user.write_lines(partitions_of(uids, partitions), user_rows)
+            by_id.write_lines(
+                partitions_of(eids, partitions), list(map(b",".join, zip(eids, lines, strict=True)))
             )
-            if not fast or eids is None or uids is None or times is None:
-                uids, times, comps = _experiments_slowly(
-                    plan, batch, rows, where, context, result.ids, log
-                )
-            spill.write_rows(uids, times, comps)
-            result.rows += len(uids)
+            result.rows += len(eids)
     result.errors, result.error_total = log.errors, log.total
-    result.pieces = spill.pieces
-    result.span, result.ids = result.ids.span(), IdSet()
-    if referenced is not None:
-        result.users = referenced.ids.span()
+    result.spills = {"by_user": by_user.pieces, "by_id": by_id.pieces}
     return result
 
 
-def _experiment_batches(
-    plan: FilePlan,
-    start: int | None,
-    end: int | None,
-    block: int,
-    context: ExperimentContext,
-    result: ScanResult,
-    spill: LineSpill,
-) -> Iterator[Batch | None]:
-    """Blocks the fast path takes are spilled here (None); the others come as batches."""
-    if not fastpath.eligible(plan):
-        yield from _batches(plan, start, end, block)
-        return
-    begin = plan.data_offset if start is None else start
-    stop = plan.size if end is None else end
-    first = plan.header_line + 1 if start is None else 1
-    shift = 0 if start is not None else plan.header_line
-    blocks = raw_blocks(plan.path, plan.name, begin, stop, min(block, fastpath.BLOCK), first)
-    limit = id_limit(context.compounds)
-    for data, line_no in blocks:
-        assert context.users is not None
-        taken = fastpath.experiment_block(data, context.compounds, context.users, result.ids, limit)
-        if taken is None:
-            yield block_batch(plan, data, line_no)
-            continue
-        lines, uids = taken
-        spill.write_lines(uids, lines)
-        result.rows += len(lines)
-        result.lines = line_no + line_count(data) - 1 - shift
-        yield None
+def _line_texts(lines: range | list[int]) -> list[bytes]:
+    return ",".join(map(str, lines)).encode("ascii").split(b",") if lines else []
 
 
 def _experiments_slowly(
-    plan: FilePlan,
-    batch: Batch,
-    rows: list[list[str]],
-    where: list[int],
-    context: ExperimentContext,
-    seen: IdSet,
-    log: ErrorLog,
-) -> tuple[list[int], list[float], list[str]]:
+    plan: FilePlan, batch: Batch, log: ErrorLog
+) -> tuple[fastpath.Columns, list[bytes]]:
+    """The rows of a batch one by one, as canonical tokens; bad rows go to ``log``."""
     c = plan.columns
-    uids: list[int] = []
-    times: list[float] = []
-    comps: list[str] = []
-    for row, i in zip(rows, where, strict=True):
-        line = batch.lines[i]
+    eids: list[bytes] = []
+    uids: list[bytes] = []
+    comps: list[bytes] = []
+    times: list[bytes] = []
+    kept: list[int] = []
+    rows, lines = _stripped(batch, plan.width, plan.name, log)
+    for row, line in zip(rows, lines, strict=True):
         try:
             column = "experiment_id"
             eid = parse_id(row[c[column]])
@@ -334,27 +239,11 @@ def _experiments_slowly(
             column = "experiment_run_time"
             run_time = parse_run_time(row[c[column]])
         except FieldError as exc:
-            log.add(_field_error(plan, line, column, exc))
+            log.add(field_error(plan, line, column, exc))
             continue
-        problem = _reference_problem(uid, compounds, context)
-        if problem is not None:
-            log.add(_field_error(plan, line, *problem))
-            continue
-        if not seen.add(eid):
-            log.add(_field_error(plan, line, "experiment_id", f"duplicate experiment_id {eid}"))
-            continue
-        uids.append(uid)
-        times.append(run_time)
-        comps.append(";".join(map(str, compounds)))
-    return uids, times, comps
-
-
-def _reference_problem(
-    uid: int, compounds: list[int], context: ExperimentContext
-) -> tuple[str, str] | None:
-    if context.users is not None and uid not in context.users:
-        return "user_id", f"unknown user_id {uid} (not in users.csv)"
-    for cid in compounds:
-        if str(cid) not in context.compounds:
-            return "experiment_compound_ids", f"unknown compound_id {cid} (not in compounds.csv)"
-    return None
+        eids.append(b"%d" % eid)
+        uids.append(b"%d" % uid)
+        comps.append(";".join(map(str, compounds)).encode("ascii"))
+        times.append(repr(run_time).encode("ascii"))
+        kept.append(line)
+    return (eids, uids, comps, times), _line_texts(kept)

@@ -1,15 +1,15 @@
-"""Spill files: validated rows routed by partition (``user_id % partitions``).
+"""Spill files: validated rows routed to partitions by a mixing hash of a key.
 
-Each scan (users.csv, or one byte range of the experiments) writes a single file. Rows
+Each scan task (one byte range of a file) writes a single file per kind of spill. Rows
 are grouped by partition in memory and written as pieces of up to ``PIECE_BYTES``; the
-scan returns where each partition's pieces are, and phase 2 reads exactly those. One
-file per scan rather than one per scan and partition: at 10M that is 21 files instead
-of ~3000, and creating a file cost 50-450 us of system time on this machine's disk.
+scan returns where each partition's pieces are, and later tasks read exactly those. One
+file per scan rather than one per scan and partition: creating a file costs 50-450 us of
+system time on this machine's disk, and there are hundreds of partitions.
 
-Users travel as pickled column batches. Experiments travel as text lines
-``user_id,compound_ids,run_time`` with no blanks, canonical ids and a run time ``float()``
-reads back exactly: starting with the user id, the lines of one user end up next to each
-other when phase 2 sorts them, and whole pieces can be split at once.
+The partition of a row is ``crc32(key) % partitions``, where the key is the canonical
+text of an id (``"7"``, never ``"007"``). CRC-32 mixes every bit of the key, so ids in
+strides, all even or all multiples of the partition count still spread evenly; it is a
+fixed function, the same in every process and on every machine of a cluster.
 """
 
 from __future__ import annotations
@@ -24,10 +24,23 @@ from itertools import repeat
 from operator import mod
 from pathlib import Path
 from typing import Any, BinaryIO, Self, TypeVar
+from zlib import crc32
 
 T = TypeVar("T")
 
 PIECE_BYTES = 64 << 10  # a partition's buffer is written once it holds this much
+
+
+def partitions_of(keys: Sequence[bytes], partitions: int) -> list[int]:
+    """The partition of each canonical id text."""
+    if partitions == 1:
+        return [0] * len(keys)
+    # operator.mod, not int.__mod__: a slot wrapper costs ~3x the division itself.
+    return list(map(mod, map(crc32, keys), repeat(partitions)))
+
+
+def canonical_keys(ids: Sequence[int]) -> list[bytes]:
+    return [b"%d" % i for i in ids]
 
 
 @dataclass(frozen=True)
@@ -42,7 +55,8 @@ class Piece:
 class PartitionSpill:
     """Rows by partition into one file, ``{prefix}-spill``, open for a ``with`` block.
 
-    Memory is bounded by ``partitions * PIECE_BYTES`` of buffered bytes.
+    Memory is bounded by ``partitions * PIECE_BYTES`` of buffered bytes. The file is
+    rewritten, never appended to, so a task that runs again gives the same pieces.
     """
 
     def __init__(self, directory: Path, prefix: str, partitions: int) -> None:
@@ -66,14 +80,13 @@ class PartitionSpill:
         finally:
             self._file.close()
 
-    def buckets(self, keys: Sequence[int], column: Sequence[T]) -> list[list[T]]:
-        """``column`` split by partition: item ``i`` goes to ``keys[i] % partitions``."""
+    def buckets(self, parts: Sequence[int], column: Sequence[T]) -> list[list[T]]:
+        """``column`` split by partition: item ``i`` goes to partition ``parts[i]``."""
         n = len(self._buffers)
         if n == 1:
             return [list(column)]
         buckets: list[list[T]] = [[] for _ in range(n)]
-        # operator.mod, not int.__mod__: a slot wrapper costs ~3x the division itself.
-        targets = map(buckets.__getitem__, map(mod, keys, repeat(n)))
+        targets = map(buckets.__getitem__, parts)
         deque(map(list.append, targets, column), maxlen=0)
         return buckets
 
@@ -96,13 +109,13 @@ class PartitionSpill:
 
 
 class ColumnSpill(PartitionSpill):
-    """Pickled column batches (users: ids and names) per partition."""
+    """Pickled column batches (users: ids, names and line numbers) per partition."""
 
-    def write(self, keys: Sequence[int], *columns: Sequence[object]) -> None:
-        parts = [self.buckets(keys, column) for column in (keys, *columns)]
+    def write(self, parts: Sequence[int], *columns: Sequence[object]) -> None:
+        split = [self.buckets(parts, column) for column in columns]
         for p in range(len(self._buffers)):
-            if parts[0][p]:
-                self.put(p, pickle.dumps(tuple(part[p] for part in parts), protocol=5))
+            if split[0][p]:
+                self.put(p, pickle.dumps(tuple(part[p] for part in split), protocol=5))
 
 
 def read_columns(pieces: Sequence[Piece]) -> Iterator[tuple[list[Any], ...]]:
@@ -114,23 +127,20 @@ def read_columns(pieces: Sequence[Piece]) -> Iterator[tuple[list[Any], ...]]:
 
 
 class LineSpill(PartitionSpill):
-    """Text lines by partition (experiments)."""
+    """ASCII text lines by partition (experiments)."""
 
-    def write_lines(self, keys: Sequence[int], lines: Sequence[str]) -> None:
-        for p, bucket in enumerate(self.buckets(keys, lines)):
+    def write_lines(self, parts: Sequence[int], lines: Sequence[bytes]) -> None:
+        for p, bucket in enumerate(self.buckets(parts, lines)):
             if bucket:
-                bucket.append("")
-                self.put(p, "\n".join(bucket).encode("ascii"))
-
-    def write_rows(self, uids: Sequence[int], times: Sequence[float], comps: Sequence[str]) -> None:
-        """Rows the slow path parsed: ids and compounds are canonical already."""
-        lines = [f"{u},{c},{t!r}" for u, c, t in zip(uids, comps, times, strict=True)]
-        self.write_lines(uids, lines)
+                bucket.append(b"")
+                self.put(p, b"\n".join(bucket))
 
 
-def read_lines(pieces: Sequence[Piece]) -> str:
-    """All spilled lines of these pieces, each ending in a newline."""
-    return b"".join(map(_read, pieces)).decode("ascii")
+def read_lines(pieces: Sequence[Piece]) -> list[str]:
+    """All spilled lines of these pieces, in the order they were written."""
+    lines = b"".join(map(_read, pieces)).decode("ascii").split("\n")
+    lines.pop()  # every piece ends in a newline
+    return lines
 
 
 def _read(piece: Piece) -> bytes:
