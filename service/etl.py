@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import ctypes
 import dataclasses
-import gc
+import importlib.util
 import logging
 import math
 import os
@@ -23,12 +23,12 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import asdict, dataclass, field
 from functools import partial
-from multiprocessing import get_context, parent_process
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Literal, ParamSpec, TypeVar
 
@@ -41,14 +41,14 @@ from .pipeline.aggregate import (
     aggregate_slice,
     check_experiment_ids,
     merge_slices,
-    write_compound_details,
 )
-from .pipeline.csvfile import FilePlan, split_ranges
-from .pipeline.errors import ErrorLog, FileError, InputError
+from .pipeline.csvfile import split_ranges
+from .pipeline.errors import ErrorLog, InputError
 from .pipeline.features import global_average
 from .pipeline.plan import InputPlan, plan_inputs
-from .pipeline.scan import ScanResult, scan_compounds, scan_experiments, scan_users
+from .pipeline.scan import ScanResult, scan_experiments, scan_users
 from .pipeline.spill import Piece
+from .pipeline.tasks import Guarded, StopFile, compounds_task, run_task
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -100,21 +100,6 @@ class RunStats:
         return asdict(self)
 
 
-class Cancelled(Exception):
-    """Raised inside workers when the run's stop file appears."""
-
-
-@dataclass(frozen=True)
-class StopFile:
-    """A picklable check, called per block in workers, that stops a cancelled run."""
-
-    path: Path
-
-    def __call__(self) -> None:
-        if self.path.exists():
-            raise Cancelled()
-
-
 def make_executor(workers: int) -> Executor:
     """Worker processes for real parallelism; one thread when asked for one worker."""
     if workers <= 1:
@@ -129,8 +114,23 @@ def make_executor(workers: int) -> Executor:
     )
     # Start the workers now rather than on a run's clock, and wait until each has
     # imported the pipeline (~0.25 s): a run started at once would otherwise wait.
-    wait_futures([executor.submit(int) for _ in range(workers)])
+    with _light_main_module():
+        wait_futures([executor.submit(int) for _ in range(workers)])
     return executor
+
+
+@contextlib.contextmanager
+def _light_main_module() -> Iterator[None]:
+    """Spawned workers first import the parent's main module: the console script's is
+    the CLI, which pulls in aiohttp, click and asyncpg for nothing. While they start,
+    the main module names an empty one instead (spawn starts workers in ``submit``)."""
+    main = sys.modules["__main__"]
+    spec = getattr(main, "__spec__", None)
+    main.__spec__ = importlib.util.find_spec("service.pipeline.worker")
+    try:
+        yield
+    finally:
+        main.__spec__ = spec
 
 
 def die_with_parent(parent: int) -> None:
@@ -146,23 +146,6 @@ def die_with_parent(parent: int) -> None:
 
 
 PR_SET_PDEATHSIG = 1
-
-
-def _task(call: Callable[[], T]) -> T:
-    """Run one task; in a worker process, with the cyclic garbage collector paused.
-
-    A task allocates millions of acyclic containers (rows, lists, sets), and the
-    collections they trigger re-scan the partition's big lists each time: ~7% of phase
-    2. Collection resumes between tasks. A thread worker shares the server's process,
-    so there the collector is left alone.
-    """
-    if parent_process() is None:
-        return call()
-    gc.disable()
-    try:
-        return call()
-    finally:
-        gc.enable()
 
 
 Finalize = Callable[[Connection, RunStats], Awaitable[None]]
@@ -224,7 +207,7 @@ class Pipeline:
         self._in_flight: set[Future[Any]] = set()
 
     async def _call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        future = self.executor.submit(partial(_task, partial(fn, *args, **kwargs)))
+        future = self.executor.submit(partial(run_task, partial(fn, *args, **kwargs)))
         self._in_flight.add(future)
         future.add_done_callback(self._in_flight.discard)
         return await asyncio.wrap_future(future)
@@ -282,14 +265,14 @@ class Pipeline:
             for index, part in enumerate(split_ranges(file_plan, RANGE_BYTES)):
                 prefix = f"{kind}{index:04d}"
                 call = self._call(
-                    _guarded(scan), file_plan, part, workdir, prefix, partitions, block, self._stop
+                    Guarded(scan), file_plan, part, workdir, prefix, partitions, block, self._stop
                 )
                 scans.append(self._counted(kind, part.end - part.start, call))
         compounds_file = workdir / "compounds.pkl"
         compounds = self._counted(
             "compounds",
             plan.compounds.size,
-            self._call(_guarded(_compounds_task), plan.compounds, compounds_file, block),
+            self._call(Guarded(compounds_task), plan.compounds, compounds_file, block),
         )
         results = await _gather(compounds, *scans)
         self._check_errors()
@@ -487,32 +470,6 @@ def _round_up(count: int, workers: int) -> int:
     """At least one partition, and whole rounds of them so no worker idles at the end."""
     step = max(1, workers)
     return max(1, math.ceil(count / step) * step)
-
-
-def _compounds_task(plan: FilePlan, details_file: Path, block: int) -> ScanResult:
-    """Read compounds.csv and write the details phase 2 joins to the top compounds."""
-    errors = ErrorLog()
-    compounds = scan_compounds(plan, errors, block)
-    details = {cid: (c.name, c.structure) for cid, c in compounds.items()}
-    write_compound_details(details_file, details)
-    return ScanResult(rows=len(compounds), errors=errors.errors, error_total=errors.total)
-
-
-def _guarded(fn: Callable[..., ScanResult]) -> Callable[..., ScanResult]:
-    return _Guarded(fn)
-
-
-@dataclass(frozen=True)
-class _Guarded:
-    """Turns a file-level error into a scan result, so every file's errors are reported."""
-
-    fn: Callable[..., ScanResult]
-
-    def __call__(self, *args: Any) -> ScanResult:
-        try:
-            return self.fn(*args)
-        except FileError as exc:
-            return ScanResult(errors=[exc.error], error_total=1, fatal=True)
 
 
 @contextlib.contextmanager

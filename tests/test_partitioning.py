@@ -19,6 +19,7 @@ from service.generate import generate
 from service.jobs import Runner, directory_request, run_once
 from service.pipeline import spill
 from service.pipeline.csvfile import EXPERIMENTS, plan_file, split_ranges
+from service.pipeline.tasks import run_task
 from service.settings import Settings
 
 
@@ -100,6 +101,6 @@ async def test_cancelled_run_leaves_no_temporary_files(
 def test_worker_tasks_pause_the_garbage_collector_and_resume_it() -> None:
     """Paused for a task in a worker process, back on after it; threads keep it."""
     with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as one_worker:
-        assert one_worker.submit(etl._task, gc.isenabled).result() is False
+        assert one_worker.submit(run_task, gc.isenabled).result() is False
         assert one_worker.submit(gc.isenabled).result() is True
-    assert etl._task(gc.isenabled) is True  # this process, as a thread worker's
+    assert run_task(gc.isenabled) is True  # this process, as a thread worker's

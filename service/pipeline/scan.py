@@ -214,7 +214,32 @@ def scan_experiments(
 
 
 def _line_texts(lines: range | list[int]) -> list[bytes]:
-    return ",".join(map(str, lines)).encode("ascii").split(b",") if lines else []
+    """The numbers as ASCII tokens; a fast-path block's lines are consecutive."""
+    if not lines:
+        return []
+    if isinstance(lines, range):
+        return consecutive_text(lines.start, lines.stop).encode("ascii").split(b",")
+    return ",".join(map(str, lines)).encode("ascii").split(b",")
+
+
+_THOUSAND = ",".join(f"{i:03d}" for i in range(1000))  # "000,001,...,999"
+
+
+def consecutive_text(start: int, stop: int) -> str:
+    """``",".join(map(str, range(start, stop)))``, whole thousands without a ``str()`` each.
+
+    Numbers ``p000`` to ``p999`` are one ``replace`` of a template: a block's line
+    numbers, in any export, are consecutive.
+    """
+    low = max(-(-start // 1000), 1)  # the first whole thousand, never the one with no prefix
+    high = stop // 1000
+    if low >= high:
+        return ",".join(map(str, range(start, stop)))
+    parts = [",".join(map(str, range(start, low * 1000)))] if start < low * 1000 else []
+    parts += (f"{p}" + _THOUSAND.replace(",", f",{p}") for p in range(low, high))
+    if high * 1000 < stop:
+        parts.append(",".join(map(str, range(high * 1000, stop))))
+    return ",".join(parts)
 
 
 def _experiments_slowly(

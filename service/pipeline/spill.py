@@ -28,7 +28,8 @@ from zlib import crc32
 
 T = TypeVar("T")
 
-PIECE_BYTES = 64 << 10  # a partition's buffer is written once it holds this much
+PIECE_BYTES = 64 << 10  # a partition's buffer is written once it holds this much...
+BUFFER_BYTES = 4 << 20  # ...or its share of this, when there are many partitions
 
 
 def partitions_of(keys: Sequence[bytes], partitions: int) -> list[int]:
@@ -55,12 +56,13 @@ class Piece:
 class PartitionSpill:
     """Rows by partition into one file, ``{prefix}-spill``, open for a ``with`` block.
 
-    Memory is bounded by ``partitions * PIECE_BYTES`` of buffered bytes. The file is
+    Memory is bounded by ``BUFFER_BYTES`` (plus a line per partition). The file is
     rewritten, never appended to, so a task that runs again gives the same pieces.
     """
 
     def __init__(self, directory: Path, prefix: str, partitions: int) -> None:
         self.path = directory / f"{prefix}-spill"
+        self.piece_bytes = max(1, min(PIECE_BYTES, BUFFER_BYTES // partitions))
         self.pieces: list[list[Piece]] = [[] for _ in range(partitions)]
         self._buffers: list[list[bytes]] = [[] for _ in range(partitions)]
         self._sizes = [0] * partitions
@@ -93,7 +95,7 @@ class PartitionSpill:
     def put(self, partition: int, data: bytes) -> None:
         self._buffers[partition].append(data)
         self._sizes[partition] += len(data)
-        if self._sizes[partition] >= PIECE_BYTES:
+        if self._sizes[partition] >= self.piece_bytes:
             self._flush(partition)
 
     def _flush(self, partition: int) -> None:

@@ -1,0 +1,75 @@
+"""What runs in a worker: the task wrapper, the stop check, and small task functions.
+
+Worker processes import this module and the rest of ``service.pipeline`` only, never the
+database, web or CLI layers: each idle worker costs ~20 MB less and starts sooner.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing import parent_process
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .aggregate import write_compound_details
+from .csvfile import FilePlan
+from .errors import ErrorLog, FileError
+from .scan import ScanResult, scan_compounds
+
+T = TypeVar("T")
+
+
+class Cancelled(Exception):
+    """Raised inside workers when the run's stop file appears."""
+
+
+@dataclass(frozen=True)
+class StopFile:
+    """A picklable check, called per block in workers, that stops a cancelled run."""
+
+    path: Path
+
+    def __call__(self) -> None:
+        if self.path.exists():
+            raise Cancelled()
+
+
+def run_task(call: Callable[[], T]) -> T:
+    """Run one task; in a worker process, with the cyclic garbage collector paused.
+
+    A task allocates millions of acyclic containers (rows, lists, sets), and the
+    collections they trigger re-scan the partition's big lists each time: ~7% of phase
+    2. Collection resumes between tasks. A thread worker shares the server's process,
+    so there the collector is left alone.
+    """
+    if parent_process() is None:
+        return call()
+    gc.disable()
+    try:
+        return call()
+    finally:
+        gc.enable()
+
+
+def compounds_task(plan: FilePlan, details_file: Path, block: int) -> ScanResult:
+    """Read compounds.csv and write the details phase 2 joins to the top compounds."""
+    errors = ErrorLog()
+    compounds = scan_compounds(plan, errors, block)
+    details = {cid: (c.name, c.structure) for cid, c in compounds.items()}
+    write_compound_details(details_file, details)
+    return ScanResult(rows=len(compounds), errors=errors.errors, error_total=errors.total)
+
+
+@dataclass(frozen=True)
+class Guarded:
+    """Turns a file-level error into a scan result, so every file's errors are reported."""
+
+    fn: Callable[..., ScanResult]
+
+    def __call__(self, *args: Any) -> ScanResult:
+        try:
+            return self.fn(*args)
+        except FileError as exc:
+            return ScanResult(errors=[exc.error], error_total=1, fatal=True)
