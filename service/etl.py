@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import dataclasses
 import importlib.util
+import itertools
 import logging
 import math
 import os
@@ -28,7 +29,9 @@ from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPool
 from concurrent.futures import wait as wait_futures
 from dataclasses import asdict, dataclass, field
 from functools import partial
+from itertools import accumulate
 from multiprocessing import get_context
+from operator import sub
 from pathlib import Path
 from typing import Any, Literal, ParamSpec, TypeVar
 
@@ -47,7 +50,7 @@ from .pipeline.errors import ErrorLog, InputError
 from .pipeline.features import global_average
 from .pipeline.plan import InputPlan, plan_inputs
 from .pipeline.scan import ScanResult, scan_experiments, scan_users
-from .pipeline.spill import Piece
+from .pipeline.spill import Extent, SpillIndex
 from .pipeline.tasks import Guarded, StopFile, compounds_task, run_task
 from .settings import Settings
 
@@ -153,11 +156,12 @@ Finalize = Callable[[Connection, RunStats], Awaitable[None]]
 
 @dataclass
 class Scanned:
-    """What phase 1 left: counts, and each partition's spilled pieces (in file order)."""
+    """What phase 1 left: counts, and the spill indexes of every scan (in file order)."""
 
-    users: list[list[Piece]]  # by user partition
-    experiments: list[list[Piece]]  # experiment rows by user partition
-    experiment_ids: list[list[Piece]]  # experiment ids by experiment-id partition
+    users: list[SpillIndex]  # users by user partition
+    experiments: list[SpillIndex]  # experiment rows by user partition
+    experiment_ids: list[SpillIndex]  # experiment ids by experiment-id partition
+    partitions: int
     experiment_rows: int  # experiments whose fields are valid
     compounds: int
     compounds_file: Path
@@ -276,14 +280,15 @@ class Pipeline:
         )
         results = await _gather(compounds, *scans)
         self._check_errors()
-        by_kind: dict[str, list[list[list[Piece]]]] = defaultdict(list)
+        by_kind: dict[str, list[SpillIndex]] = defaultdict(list)
         for result in results:
-            for kind, pieces in result.spills.items():
-                by_kind[kind].append(pieces)
+            for kind, spill_index in result.spills.items():
+                by_kind[kind].append(spill_index)
         return Scanned(
-            users=_by_partition(by_kind["users"], partitions),
-            experiments=_by_partition(by_kind["by_user"], partitions),
-            experiment_ids=_by_partition(by_kind["by_id"], partitions),
+            users=by_kind["users"],
+            experiments=by_kind["by_user"],
+            experiment_ids=by_kind["by_id"],
+            partitions=partitions,
             experiment_rows=self.progress.rows_read["experiments"],
             compounds=self.progress.rows_read["compounds"],
             compounds_file=compounds_file,
@@ -300,9 +305,9 @@ class Pipeline:
     async def _check_experiment_ids(self, plan: InputPlan, scanned: Scanned) -> frozenset[int]:
         """Repeated experiment ids, per id partition; the lines of the rejected repeats."""
         checks = [
-            self._call(check_experiment_ids, pieces, plan.experiments)
-            for pieces in scanned.experiment_ids
-            if pieces
+            self._call(check_experiment_ids, extents, plan.experiments)
+            for p in range(scanned.partitions)
+            if (extents := _extents(scanned.experiment_ids, p))
         ]
         rejected: set[int] = set()
         for check in await _gather(*checks):
@@ -321,20 +326,21 @@ class Pipeline:
     ) -> Aggregated:
         """Phase 2, loading each partition's rows as they come."""
         first_pass = total == scanned.experiment_rows - len(rejected)
-        sizes = [sum(p.length for p in pieces) for pieces in scanned.experiments]
-        slice_bytes = max(MIN_SLICE_BYTES, 2 * sum(sizes) // max(1, len(sizes)))
-        jobs = [
+        partitions = scanned.partitions
+        sizes = _sizes(scanned.experiments, partitions)
+        slice_bytes = max(MIN_SLICE_BYTES, 2 * sum(sizes) // partitions)
+        jobs = (
             PartitionJob(
-                scanned.users[p],
-                scanned.experiments[p],
+                _extents(scanned.users, p),
+                _extents(scanned.experiments, p),
                 total,
                 scanned.compounds_file,
                 plan.users,
                 plan.experiments,
                 rejected,
             )
-            for p in range(len(sizes))
-        ]
+            for p in range(partitions)
+        )
         done = Aggregated()
         loading = True  # an error in abort mode fails the run: then only check
 
@@ -348,16 +354,14 @@ class Pipeline:
 
         # Results are loaded as they come, not in partition order: waiting for the
         # oldest task while a newer one had finished left a worker without work.
-        pending = [partition(job) for job in jobs]
+        pending = map(partition, jobs)  # a job's extents are made as it starts
         window = max(2, self.settings.workers + 1)
-        running = {asyncio.ensure_future(c) for c in pending[:window]}
-        queue = pending[window:]
+        running = {asyncio.ensure_future(c) for c in itertools.islice(pending, window)}
         try:
             while running:
                 finished, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                 for task in finished:
-                    if queue:
-                        running.add(asyncio.ensure_future(queue.pop(0)))
+                    running.update(map(asyncio.ensure_future, itertools.islice(pending, 1)))
                     result: PartitionResult = task.result()
                     if first_pass:
                         self.errors.extend(result.log.errors, result.log.total)
@@ -375,8 +379,6 @@ class Pipeline:
         finally:
             for task in running:
                 task.cancel()
-            for coro in queue:
-                coro.close()
         if first_pass and done.rejected and self.options.on_error == "skip":
             self._check_errors()  # past max_errors: no second pass
             raise _Again(done.rejected)
@@ -446,24 +448,47 @@ async def _gather(*calls: Awaitable[T]) -> list[T]:
         raise
 
 
-def _by_partition(scans: list[list[list[Piece]]], partitions: int) -> list[list[Piece]]:
-    """Each partition's pieces from every scan, in the scans' (file) order."""
-    return [[piece for scan in scans for piece in scan[p]] for p in range(partitions)]
+def _extents(indexes: list[SpillIndex], partition: int) -> list[Extent]:
+    """A partition's rows in every scan's spill file, in the scans' (file) order."""
+    return [e for index in indexes if (e := index.extent(partition)) is not None]
 
 
-def _slices(pieces: Sequence[Piece], size: int) -> list[list[Piece]]:
-    """Consecutive runs of pieces of about ``size`` bytes; one run if it is not larger."""
-    runs: list[list[Piece]] = [[]]
+def _sizes(indexes: list[SpillIndex], partitions: int) -> list[int]:
+    """Bytes spilled for each partition, over all scans."""
+    sizes = [0] * partitions
+    for index in indexes:
+        lengths = list(map(sub, index.offsets[1:], index.offsets[:-1]))
+        for p in range(partitions):
+            sizes[p] += sum(lengths[p::partitions])
+    return sizes
+
+
+def _slices(extents: Sequence[Extent], size: int) -> list[list[Extent]]:
+    """Consecutive runs of a partition's bytes of about ``size`` each (one if smaller),
+    cut between byte ranges; a small last run joins the one before."""
+    runs: list[list[Extent]] = [[]]
     held = 0
-    for piece in pieces:
-        if held >= size:
-            runs.append([])
-            held = 0
-        runs[-1].append(piece)
-        held += piece.length
-    if len(runs) > 1 and sum(p.length for p in runs[-1]) < size // 2:
-        runs[-2] += runs.pop()  # no small last slice
-    return runs
+    for extent in extents:
+        rest: Extent | None = extent
+        while rest is not None:
+            lengths = list(map(sub, rest.ends, rest.starts))
+            cut = next((i + 1 for i, n in enumerate(accumulate(lengths)) if held + n >= size), None)
+            if cut is None or cut == len(lengths):
+                runs[-1].append(rest)
+                held += sum(lengths)
+                rest = None
+            else:
+                head, rest = rest.split(cut)
+                runs[-1].append(head)
+                held = size
+            if held >= size:
+                runs.append([])
+                held = 0
+    if not runs[-1]:
+        runs.pop()
+    if len(runs) > 1 and sum(e.size for e in runs[-1]) < size // 2:
+        runs[-2] += runs.pop()
+    return runs or [[]]
 
 
 def _round_up(count: int, workers: int) -> int:

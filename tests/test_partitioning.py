@@ -6,12 +6,14 @@ import asyncio
 import dataclasses
 import gc
 import itertools
+from array import array
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
 import pytest
 from test_equivalence import loaded, obvious
+from test_generate import normalised
 
 from service import etl
 from service.db.database import open_pool
@@ -57,8 +59,8 @@ async def test_results_do_not_depend_on_the_split(
     chunk_bytes: int,
 ) -> None:
     monkeypatch.setattr(etl, "RANGE_BYTES", range_bytes)
-    # Many small pieces per partition (seen in this process: with one worker thread).
-    monkeypatch.setattr(spill, "PIECE_BYTES", 100)
+    # Many small flushes per spill (seen in this process: with one worker thread).
+    monkeypatch.setattr(spill, "BUFFER_BYTES", 100)
     tuned = dataclasses.replace(
         settings, partitions=partitions, workers=workers, chunk_bytes=chunk_bytes
     )
@@ -104,3 +106,43 @@ def test_worker_tasks_pause_the_garbage_collector_and_resume_it() -> None:
         assert one_worker.submit(run_task, gc.isenabled).result() is False
         assert one_worker.submit(gc.isenabled).result() is True
     assert run_task(gc.isenabled) is True  # this process, as a thread worker's
+
+
+async def test_a_hot_users_partition_is_aggregated_in_slices_with_the_same_results(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The partition holding a robot's 30% of all experiments is cut into slices (seen in
+    this process: one worker thread), and the merged slices give the obvious results."""
+    directory = tmp_path / "hot"
+    generate(directory, users=200, experiments=3000, compounds=40, seed=5, shape="hot")
+    monkeypatch.setattr(spill, "BUFFER_BYTES", 2000)  # many flushes: slices can be cut
+    monkeypatch.setattr(etl, "MIN_SLICE_BYTES", 1)
+    sliced: list[int] = []
+    real = etl._slices
+    monkeypatch.setattr(etl, "_slices", lambda *a: sliced.append(len(s := real(*a))) or s)
+    forced = dataclasses.replace(settings, partitions=8, workers=1, chunk_bytes=4096)
+    run = await run_once(forced, directory)
+    assert run["status"] == "succeeded", run
+    assert sorted(sliced)[-2:] == [1, 2]  # only the robot's partition is cut
+    assert await loaded(forced) == obvious(normalised(directory, tmp_path / "plain"))
+
+
+def test_slices_cover_a_partitions_bytes_once_in_order(tmp_path: Path) -> None:
+    offsets = [array("q", range(0, 10 * k + 1, k)) for k in (3, 50, 7)]
+    extents = [spill.Extent(tmp_path / str(i), o[:-1], o[1:]) for i, o in enumerate(offsets)]
+    for size in (1, 10, 60, 200, 1000):
+        runs = etl._slices(extents, size)
+        ranges = [
+            (e.path, s, t)
+            for run in runs
+            for e in run
+            for s, t in zip(e.starts, e.ends, strict=True)
+        ]
+        assert ranges == [
+            (e.path, s, t) for e in extents for s, t in zip(e.starts, e.ends, strict=True)
+        ]
+        sizes = [sum(e.size for e in run) for run in runs]
+        assert sum(sizes) == 600
+        assert all(n >= size // 2 for n in sizes[:-1]) and (
+            len(runs) == 1 or sizes[-1] >= size // 2
+        )

@@ -13,7 +13,7 @@ one split, each user's run times and compounds are slices, summed and counted in
 only the top compound takes a Python step per user.
 
 A partition larger than a task should be (one user with a third of all experiments
-makes one) is split into slices of its pieces, each aggregated on its own into an exact
+makes one) is split into slices of its spilled bytes, each aggregated on its own into an exact
 partial state, then merged: no task holds more than a slice, whoever the user.
 """
 
@@ -41,7 +41,7 @@ from .features import (
     top_compound,
 )
 from .scan import field_error
-from .spill import Piece, read_columns, read_lines
+from .spill import Extent, read_columns, read_lines
 
 # Counter's own C counting loop, without Counter.__init__'s Python-level dispatch: one
 # small tally per user made that dispatch ~10% of phase 2. It is a private CPython helper
@@ -84,9 +84,9 @@ class IdCheck(Checked):
     rejected: list[int] = field(default_factory=list)  # lines of the later occurrences
 
 
-def check_experiment_ids(pieces: Sequence[Piece], plan: FilePlan) -> IdCheck:
+def check_experiment_ids(extents: Sequence[Extent], plan: FilePlan) -> IdCheck:
     """Find repeated experiment ids; each later occurrence names the line of the first."""
-    flat = ",".join(read_lines(pieces)).split(",")
+    flat = ",".join(read_lines(extents)).split(",")
     eids = flat[0::2]
     result = IdCheck()
     if len(set(eids)) == len(eids):
@@ -106,8 +106,8 @@ def check_experiment_ids(pieces: Sequence[Piece], plan: FilePlan) -> IdCheck:
 class PartitionJob:
     """One user partition (or a slice of its experiments) and what checking it needs."""
 
-    users: Sequence[Piece]
-    experiments: Sequence[Piece]
+    users: Sequence[Extent]
+    experiments: Sequence[Extent]
     total_experiments: int  # valid experiments in the whole input: the share's divisor
     compounds_file: Path
     users_plan: FilePlan

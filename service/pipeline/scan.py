@@ -32,7 +32,7 @@ from .csvfile import (
 )
 from .errors import ErrorLog, RowError
 from .fields import FieldError, parse_compound_list, parse_id, parse_run_time
-from .spill import ColumnSpill, LineSpill, Piece, canonical_keys, partitions_of
+from .spill import ColumnSpill, LineSpill, SpillIndex, canonical_keys, partitions_of
 
 Stop = Callable[[], None]  # raises when the run is cancelled
 
@@ -52,7 +52,7 @@ class ScanResult:
     errors: list[RowError] = field(default_factory=list)
     error_total: int = 0
     fatal: bool = False  # a file-level error stopped the scan
-    spills: dict[str, list[list[Piece]]] = field(default_factory=dict)  # kind -> by partition
+    spills: dict[str, SpillIndex] = field(default_factory=dict)  # kind of spill -> its index
 
 
 def _stripped(
@@ -164,7 +164,7 @@ def scan_users(
             spill.write(partitions_of(canonical_keys(uids), partitions), uids, names, lines)
             result.rows += len(uids)
     result.errors, result.error_total = log.errors, log.total
-    result.spills = {"users": spill.pieces}
+    result.spills = {"users": spill.index}
     return result
 
 
@@ -209,7 +209,7 @@ def scan_experiments(
             )
             result.rows += len(eids)
     result.errors, result.error_total = log.errors, log.total
-    result.spills = {"by_user": by_user.pieces, "by_id": by_id.pieces}
+    result.spills = {"by_user": by_user.index, "by_id": by_id.index}
     return result
 
 

@@ -1,10 +1,9 @@
 """Spill files: validated rows routed to partitions by a mixing hash of a key.
 
-Each scan task (one byte range of a file) writes a single file per kind of spill. Rows
-are grouped by partition in memory and written as pieces of up to ``PIECE_BYTES``; the
-scan returns where each partition's pieces are, and later tasks read exactly those. One
-file per scan rather than one per scan and partition: creating a file costs 50-450 us of
-system time on this machine's disk, and there are hundreds of partitions.
+Each scan task (one byte range of a file) writes a single file per kind of spill and
+returns its index; later tasks read exactly their partition's extents. One file per
+scan rather than one per scan and partition: creating a file costs 50-450 us of system
+time on this machine's disk, and there are hundreds of partitions.
 
 The partition of a row is ``crc32(key) % partitions``, where the key is the canonical
 text of an id (``"7"``, never ``"007"``). CRC-32 mixes every bit of the key, so ids in
@@ -17,6 +16,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+from array import array
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -28,8 +28,7 @@ from zlib import crc32
 
 T = TypeVar("T")
 
-PIECE_BYTES = 64 << 10  # a partition's buffer is written once it holds this much...
-BUFFER_BYTES = 4 << 20  # ...or its share of this, when there are many partitions
+BUFFER_BYTES = 8 << 20  # rows a spill holds before it writes them out
 
 
 def partitions_of(keys: Sequence[bytes], partitions: int) -> list[int]:
@@ -45,27 +44,63 @@ def canonical_keys(ids: Sequence[int]) -> list[bytes]:
 
 
 @dataclass(frozen=True)
-class Piece:
-    """``length`` bytes at ``offset`` of a spill file: rows of one partition."""
+class Extent:
+    """One partition's rows in one spill file: the bytes ``[starts[i], ends[i])``."""
 
     path: Path
-    offset: int
-    length: int
+    starts: array[int]
+    ends: array[int]
+
+    @property
+    def size(self) -> int:
+        return sum(self.ends) - sum(self.starts)
+
+    def split(self, at: int) -> tuple[Extent, Extent]:
+        """The first ``at`` byte ranges, and the others."""
+        return (
+            Extent(self.path, self.starts[:at], self.ends[:at]),
+            Extent(self.path, self.starts[at:], self.ends[at:]),
+        )
+
+
+@dataclass(frozen=True)
+class SpillIndex:
+    """Where each partition's rows are in one spill file.
+
+    The file is a series of flushes, each holding every partition's buffered rows in
+    partition order: ``offsets[f * partitions + p]`` is where partition ``p`` starts in
+    flush ``f``, and the next offset is where it ends. One flat array per file, whatever
+    the number of partitions: a partition's extent is two strided slices of it.
+    """
+
+    path: Path
+    partitions: int
+    offsets: array[int]
+
+    def extent(self, partition: int) -> Extent | None:
+        n, last = self.partitions, len(self.offsets) - 1
+        starts = self.offsets[partition:last:n]
+        ends = self.offsets[partition + 1 : last + 1 : n]
+        if starts == ends:
+            return None
+        return Extent(self.path, starts, ends)
 
 
 class PartitionSpill:
     """Rows by partition into one file, ``{prefix}-spill``, open for a ``with`` block.
 
-    Memory is bounded by ``BUFFER_BYTES`` (plus a line per partition). The file is
-    rewritten, never appended to, so a task that runs again gives the same pieces.
+    Rows are buffered by partition and written, all partitions at once, whenever the
+    buffers hold ``BUFFER_BYTES``: memory is bounded by that, and the file has a few
+    large flushes rather than many small pieces. The file is rewritten, never appended
+    to, so a task that runs again gives the same index.
     """
 
     def __init__(self, directory: Path, prefix: str, partitions: int) -> None:
         self.path = directory / f"{prefix}-spill"
-        self.piece_bytes = max(1, min(PIECE_BYTES, BUFFER_BYTES // partitions))
-        self.pieces: list[list[Piece]] = [[] for _ in range(partitions)]
+        self.partitions = partitions
+        self.offsets = array("q")
         self._buffers: list[list[bytes]] = [[] for _ in range(partitions)]
-        self._sizes = [0] * partitions
+        self._held = 0
         self._file: BinaryIO | None = None
         self._offset = 0
 
@@ -77,10 +112,15 @@ class PartitionSpill:
         assert self._file is not None
         try:
             if exc[0] is None:
-                for p in range(len(self._buffers)):
-                    self._flush(p)
+                if self._held:
+                    self._flush()
+                self.offsets.append(self._offset)
         finally:
             self._file.close()
+
+    @property
+    def index(self) -> SpillIndex:
+        return SpillIndex(self.path, self.partitions, self.offsets)
 
     def buckets(self, parts: Sequence[int], column: Sequence[T]) -> list[list[T]]:
         """``column`` split by partition: item ``i`` goes to partition ``parts[i]``."""
@@ -94,20 +134,21 @@ class PartitionSpill:
 
     def put(self, partition: int, data: bytes) -> None:
         self._buffers[partition].append(data)
-        self._sizes[partition] += len(data)
-        if self._sizes[partition] >= self.piece_bytes:
-            self._flush(partition)
+        self._held += len(data)
+        if self._held >= BUFFER_BYTES:
+            self._flush()
 
-    def _flush(self, partition: int) -> None:
-        if not self._sizes[partition]:
-            return
+    def _flush(self) -> None:
         assert self._file is not None
-        data = b"".join(self._buffers[partition])
-        self._file.write(data)
-        self.pieces[partition].append(Piece(self.path, self._offset, len(data)))
-        self._offset += len(data)
-        self._buffers[partition].clear()
-        self._sizes[partition] = 0
+        chunks = []
+        for buffer in self._buffers:
+            self.offsets.append(self._offset)
+            data = b"".join(buffer)
+            buffer.clear()
+            chunks.append(data)
+            self._offset += len(data)
+        self._file.write(b"".join(chunks))
+        self._held = 0
 
 
 class ColumnSpill(PartitionSpill):
@@ -120,11 +161,11 @@ class ColumnSpill(PartitionSpill):
                 self.put(p, pickle.dumps(tuple(part[p] for part in split), protocol=5))
 
 
-def read_columns(pieces: Sequence[Piece]) -> Iterator[tuple[list[Any], ...]]:
-    """The column batches a :class:`ColumnSpill` wrote to these pieces, in order."""
-    for piece in pieces:
-        stream = io.BytesIO(_read(piece))
-        while stream.tell() < piece.length:
+def read_columns(extents: Sequence[Extent]) -> Iterator[tuple[list[Any], ...]]:
+    """The column batches a :class:`ColumnSpill` wrote to these extents, in order."""
+    for data in _read(extents):
+        stream = io.BytesIO(data)
+        while stream.tell() < len(data):
             yield pickle.load(stream)
 
 
@@ -138,19 +179,22 @@ class LineSpill(PartitionSpill):
                 self.put(p, b"\n".join(bucket))
 
 
-def read_lines(pieces: Sequence[Piece]) -> list[str]:
-    """All spilled lines of these pieces, in the order they were written."""
-    lines = b"".join(map(_read, pieces)).decode("ascii").split("\n")
+def read_lines(extents: Sequence[Extent]) -> list[str]:
+    """All spilled lines of these extents, in the order they were written."""
+    lines = b"".join(_read(extents)).decode("ascii").split("\n")
     lines.pop()  # every piece ends in a newline
     return lines
 
 
-def _read(piece: Piece) -> bytes:
-    fd = os.open(piece.path, os.O_RDONLY)
-    try:
-        data = os.pread(fd, piece.length, piece.offset)
-    finally:
-        os.close(fd)
-    if len(data) != piece.length:
-        raise OSError(f"{piece.path}: spill file shorter than its index says")
-    return data
+def _read(extents: Sequence[Extent]) -> Iterator[bytes]:
+    for extent in extents:
+        fd = os.open(extent.path, os.O_RDONLY)
+        try:
+            for start, end in zip(extent.starts, extent.ends, strict=True):
+                if end > start:
+                    data = os.pread(fd, end - start, start)
+                    if len(data) != end - start:
+                        raise OSError(f"{extent.path}: spill file shorter than its index says")
+                    yield data
+        finally:
+            os.close(fd)
