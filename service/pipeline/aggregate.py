@@ -19,7 +19,6 @@ partial state, then merged: no task holds more than a slice, whoever the user.
 
 from __future__ import annotations
 
-import json
 import math
 import pickle
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -201,13 +200,7 @@ class _Groups:
 
 
 def _floats(texts: list[str]) -> list[float]:
-    """``float()`` of each text; JSON reads the whole column in one C call when it can
-    (the same correctly rounded values; "007", ".5" and "1." are not JSON numbers)."""
-    try:
-        values: list[float] = json.loads(f"[{','.join(texts)}]")
-    except ValueError:
-        return list(map(float, texts))
-    return values
+    return list(map(float, texts))
 
 
 def _users(job: PartitionJob, checked: Checked | None) -> dict[int, str]:
