@@ -10,23 +10,16 @@ stream into three staging tables; a final transaction swaps them in.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
 import gc
 import logging
 import math
-import os
-import shutil
-import signal
-import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future
 from concurrent.futures import wait as wait_futures
 from dataclasses import asdict, dataclass, field
 from functools import partial
-from multiprocessing import get_context, parent_process
+from multiprocessing import parent_process
 from pathlib import Path
 from typing import Any, Literal, ParamSpec, TypeVar
 
@@ -46,6 +39,7 @@ from .pipeline.scan import (
     scan_experiments,
     scan_users,
 )
+from .scratch import ScratchDir
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -111,39 +105,6 @@ class StopFile:
             raise Cancelled()
 
 
-def make_executor(workers: int) -> Executor:
-    """Worker processes for real parallelism; one thread when asked for one worker."""
-    if workers <= 1:
-        return ThreadPoolExecutor(max_workers=1, thread_name_prefix="etl-worker")
-    # Spawned (not forked from a fork server) so each worker's parent is this process,
-    # which lets the kernel kill the workers if this process is killed (see below).
-    executor = ProcessPoolExecutor(
-        max_workers=workers,
-        mp_context=get_context("spawn"),
-        initializer=die_with_parent,
-        initargs=(os.getpid(),),
-    )
-    # Start the workers now rather than on a run's clock, and wait until each has
-    # imported the pipeline (~0.25 s): a run started at once would otherwise wait.
-    wait_futures([executor.submit(int) for _ in range(workers)])
-    return executor
-
-
-def die_with_parent(parent: int) -> None:
-    """Worker initializer: end with the parent, even when it is SIGKILLed.
-
-    A worker blocked writing a result to a parent that died would otherwise live on.
-    """
-    if sys.platform == "linux":
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # the parent died before the request took effect
-        os._exit(1)
-
-
-PR_SET_PDEATHSIG = 1
-
-
 def _task(call: Callable[[], T]) -> T:
     """Run one task; in a worker process, with the cyclic garbage collector paused.
 
@@ -199,7 +160,8 @@ class Pipeline:
 
     async def run(self, finalize: Finalize) -> RunStats:
         started = time.perf_counter()
-        workdir = Path(tempfile.mkdtemp(prefix="etl-run-", dir=self.settings.tmp_dir))
+        scratch = await asyncio.to_thread(ScratchDir, "etl-run-", self.settings.tmp_dir)
+        workdir = scratch.path
         self._stop = StopFile(workdir / "STOP")
         try:
             return await self._run(workdir, started, finalize)
@@ -210,7 +172,7 @@ class Pipeline:
             await asyncio.shield(asyncio.to_thread(wait_futures, list(self._in_flight), 30))
             raise
         finally:
-            await asyncio.shield(asyncio.to_thread(shutil.rmtree, workdir, True))
+            await asyncio.shield(asyncio.to_thread(scratch.remove))
 
     async def _run(self, workdir: Path, started: float, finalize: Finalize) -> RunStats:
         assert self._stop is not None
@@ -229,7 +191,7 @@ class Pipeline:
         mark = time.perf_counter()
         self.progress.phase = "loading"
         self.progress.partitions_total = partitions
-        async with StagedLoad(self.pool) as load:
+        async with StagedLoad(self.pool, self.settings.db_timeout) as load:
             await self._aggregate_into(load, workdir, partitions, experiments, compounds, users)
             loaded = await load.finish()
             self.phases["aggregate_load"] = time.perf_counter() - mark
@@ -486,12 +448,3 @@ class _Guarded:
             return self.fn(*args)
         except FileError as exc:
             return ScanResult(errors=[exc.error], error_total=1, fatal=True)
-
-
-@contextlib.contextmanager
-def executor_for(settings: Settings) -> Any:
-    executor = make_executor(settings.workers)
-    try:
-        yield executor
-    finally:
-        executor.shutdown(wait=True, cancel_futures=True)
