@@ -16,17 +16,18 @@ from typing import Any
 
 import asyncpg
 
-from .workers import WorkerPool
-
 # Spill files take about the input's size; a bit more for their index and upload copies.
 SPILL_FACTOR = 1.2
 MB = 1e6
 
 
-def describe(exc: BaseException, settings: Any, pipeline: Any = None, workers: Any = None) -> str:
-    """One line for a run that ended with ``exc``; ``type: text`` when it is no known fault."""
+def describe(exc: BaseException, settings: Any, pipeline: Any = None) -> str:
+    """One line for a run that ended with ``exc``; ``type: text`` when it is no known fault.
+
+    (A dead worker's signal is known to :meth:`WorkerPool.death`, which may block.)
+    """
     if isinstance(exc, BrokenProcessPool):
-        return workers.death() if isinstance(workers, WorkerPool) else "a worker process died"
+        return "a worker process died"
     if isinstance(exc, asyncpg.DiskFullError):
         return f"the database's disk is full: {_first_line(exc)}"
     if isinstance(exc, TimeoutError):

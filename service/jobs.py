@@ -27,7 +27,7 @@ from .etl import Pipeline, RunOptions, RunStats
 from .faults import describe
 from .pipeline.errors import InputError
 from .runstore import ACTIVE, DATABASE_ERRORS, Ending, RunStore
-from .workers import WorkerPool
+from .workers import BrokenProcessPool, WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +271,11 @@ class RunLife:
         except asyncio.CancelledError:
             ending.status, ending.message = "cancelled", CANCELLED
         except Exception as exc:
-            ending.message = describe(exc, self.runner.settings, pipeline, self.runner.executor)
+            workers = self.runner.executor
+            if isinstance(exc, BrokenProcessPool) and isinstance(workers, WorkerPool):
+                ending.message = await asyncio.to_thread(workers.death)
+            else:
+                ending.message = describe(exc, self.runner.settings, pipeline)
             if ending.message.startswith(type(exc).__name__):  # not a known fault: a bug
                 log.exception("run failed", extra={"run_id": run_id, "event": "error"})
             else:

@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -96,7 +97,7 @@ class WorkerPool(Executor):
 
     def __init__(self, workers: int, factory: Callable[[int], Executor] = make_executor) -> None:
         self.workers = workers
-        self._factory = factory
+        self.factory = factory  # how a set of workers starts
         self._lock = threading.Lock()
         self._executor: Executor | None = factory(workers)
         self._processes = _processes(self._executor)
@@ -117,7 +118,14 @@ class WorkerPool(Executor):
             raise BrokenProcessPool(self.problem or "no worker processes")
         return executor.submit(fn, *args, **kwargs)
 
-    def death(self) -> str:
+    def death(self, wait: float = 2.0) -> str:
+        """How the broken workers ended (blocking: a killed process can close its pipe,
+        which breaks the pool, a moment before it can be reaped)."""
+        deadline = time.monotonic() + wait
+        for process in self._processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.exitcode not in (None, 0, -signal.SIGTERM):
+                break
         return death_message(self._processes)
 
     def heal(self) -> bool:
@@ -130,7 +138,7 @@ class WorkerPool(Executor):
             if old is not None:
                 old.shutdown(wait=True, cancel_futures=True)
             try:
-                self._executor = self._factory(self.workers)
+                self._executor = self.factory(self.workers)
             except Exception as exc:  # e.g. no memory or process slots for new workers
                 self.problem = f"worker processes could not be started: {exc}"
                 log.error(self.problem, extra={"event": "workers"})

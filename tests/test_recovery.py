@@ -8,17 +8,23 @@ checks the run's record against what is really live, then that the next run work
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import signal
 import subprocess
+from concurrent.futures import Executor
 from pathlib import Path
 
 import aiohttp
+import psutil  # type: ignore[import-untyped]
 from badinput import checksum, connect
-from test_web_ops import free_port, start_server, status_of
+from test_web_ops import free_port, serve_a_running_run, start_server, status_of
+from test_web_support import BIG, Serve, problem, wait_for
 
 from service.settings import Settings
+from service.web.keys import EXECUTOR
+from service.workers import make_executor
 
 pytest_plugins = ["test_web_support"]
 
@@ -94,3 +100,93 @@ async def test_sigterm_right_after_the_swap_commit_keeps_the_run_succeeded(
             finished = [e for e in lines if e.get("event") == "finish"]
             assert [e["status"] for e in finished] == ["succeeded"], finished
     assert (await checksum(settings))["experiment_counts"][0] == 10
+
+
+def worker_processes(server: subprocess.Popen[bytes]) -> list[psutil.Process]:
+    """The server's pool workers (spawned children; not the resource tracker)."""
+    return [
+        child
+        for child in psutil.Process(server.pid).children()
+        if any("spawn_main" in part for part in child.cmdline())
+    ]
+
+
+async def test_a_killed_worker_fails_that_run_clearly_and_the_next_run_works(
+    settings: Settings, big_dataset: Path, tmp_path: Path
+) -> None:
+    """Finding 2: the OOM killer's SIGKILL of one worker must not break the service."""
+    process, run = await serve_a_running_run(settings, big_dataset, tmp_path / "serve.log")
+    port = int(process.args[-1])  # type: ignore[index]
+    try:
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as client:
+            workers = worker_processes(process)
+            assert len(workers) == 2, workers
+            workers[0].kill()
+            failed = await wait_for(
+                client,  # type: ignore[arg-type]
+                run["id"],
+                {"succeeded", "failed", "cancelled"},
+            )
+            assert failed["status"] == "failed", failed
+            assert failed["message"] == "a worker process died (signal 9; out of memory?)"
+            assert await status_of(client, "/readyz") == 200
+            replaced = worker_processes(process)
+            assert len(replaced) == 2 and workers[0] not in replaced
+            async with client.post("/runs") as response:
+                assert response.status == 202, await response.text()
+                again = await response.json()
+            done = await wait_for(
+                client,  # type: ignore[arg-type]
+                again["id"],
+                {"succeeded", "failed", "cancelled"},
+            )
+            assert done["status"] == "succeeded", done
+            assert done["stats"]["experiments"] == BIG["experiments"]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(process.wait, 10) == 0
+    log = (tmp_path / "serve.log").read_text()
+    assert "Traceback" not in log and "BrokenProcessPool" not in log
+
+
+async def test_workers_that_cannot_be_restarted_make_readyz_503(
+    serve: Serve, settings: Settings
+) -> None:
+    """Finding 2: no working workers means not ready, so an orchestrator restarts us."""
+    starts: list[int] = []
+
+    def factory(workers: int) -> Executor:
+        starts.append(workers)
+        raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    client = await serve(workers=2)
+    assert client.app is not None
+    pool = client.app[EXECUTOR]
+    pool.factory = factory
+    try:
+        assert await status_of(client, "/readyz") == 200
+        for process in psutil.Process().children():  # the app's two workers
+            if any("spawn_main" in part for part in process.cmdline()):
+                process.kill()
+        for _ in range(100):
+            if pool.needs_repair:
+                break
+            await asyncio.sleep(0.05)
+        async with client.post("/runs") as response:
+            body = await problem(response, 503)
+        assert body["detail"] == (
+            "worker processes could not be started: [Errno 11] Resource temporarily unavailable"
+        )
+        async with client.get("/readyz") as response:
+            body = await problem(response, 503)
+        assert "could not be started" in body["detail"]
+        assert await status_of(client, "/healthz") == 200
+        assert starts == [2]
+    finally:
+        pool.factory = make_executor
+    # Once workers can start again, the next run starts them: ready, and the run works.
+    async with client.post("/runs") as response:
+        assert response.status == 202
+        run = await response.json()
+    assert (await wait_for(client, run["id"], {"succeeded", "failed"}))["status"] == "succeeded"
+    assert await status_of(client, "/readyz") == 200
