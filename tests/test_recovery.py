@@ -13,15 +13,17 @@ import json
 import os
 import signal
 import subprocess
+import sys
 from concurrent.futures import Executor
 from pathlib import Path
 
 import aiohttp
 import psutil  # type: ignore[import-untyped]
 from badinput import checksum, connect
-from test_web_ops import free_port, serve_a_running_run, start_server, status_of
+from test_web_ops import ROOT, free_port, serve_a_running_run, start_server, status_of
 from test_web_support import BIG, Serve, problem, wait_for
 
+from service.jobs import run_once
 from service.settings import Settings
 from service.web.keys import EXECUTOR
 from service.workers import make_executor
@@ -190,3 +192,61 @@ async def test_workers_that_cannot_be_restarted_make_readyz_503(
         run = await response.json()
     assert (await wait_for(client, run["id"], {"succeeded", "failed"}))["status"] == "succeeded"
     assert await status_of(client, "/readyz") == 200
+
+
+HOLD_A_SCRATCH_DIR = """
+import sys, time
+from pathlib import Path
+from service.scratch import ScratchDir
+scratch = ScratchDir(sys.argv[1], Path(sys.argv[2]))
+print(scratch.path, flush=True)
+time.sleep(3600)
+"""
+
+
+def hold_scratch_dir(prefix: str, parent: Path) -> tuple[subprocess.Popen[str], Path]:
+    """Another process of the service that owns a temporary directory until it is killed."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_A_SCRATCH_DIR, prefix, str(parent)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    assert holder.stdout is not None
+    path = Path(holder.stdout.readline().strip())
+    holder.stdout.close()
+    return holder, path
+
+
+async def test_start_up_removes_temporary_directories_of_dead_processes_only(
+    settings: Settings, big_dataset: Path, tmp_path: Path
+) -> None:
+    """Finding 3: a SIGKILLed server's spill (and upload) directories go at the next start;
+    a live process's, and anything not of this service, stay."""
+    process, _ = await serve_a_running_run(settings, big_dataset, tmp_path / "serve.log")
+    spill = settings.tmp_dir
+    for _ in range(100):  # the run has begun spilling
+        if any(p.name.startswith("etl-run-") for p in spill.iterdir()):
+            break
+        await asyncio.sleep(0.05)
+    process.kill()
+    process.wait()
+    dead_upload, dead_upload_dir = hold_scratch_dir("etl-upload-", spill)
+    dead_upload.kill()
+    dead_upload.wait()
+    live, live_dir = hold_scratch_dir("etl-upload-", spill)
+    foreign = spill / "etl-run-not-ours.txt"
+    foreign.write_text("a file, not a directory of ours")
+    elsewhere = spill / "someone-elses"
+    elsewhere.mkdir()
+    left = sorted(p.name for p in spill.iterdir() if p.name.startswith("etl-run-") and p.is_dir())
+    assert left, "the killed server left its spill directory"
+    assert dead_upload_dir.exists()
+    try:
+        run = await run_once(settings, settings.data_dir)
+        assert run["status"] == "succeeded", run
+        assert sorted(spill.iterdir()) == sorted([live_dir, foreign, elsewhere])
+        assert (live_dir / ".owner.lock").exists()
+    finally:
+        live.kill()
+        live.wait()
