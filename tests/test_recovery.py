@@ -14,14 +14,26 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from concurrent.futures import Executor
 from pathlib import Path
+from typing import Any
 
 import aiohttp
+import asyncpg
 import psutil  # type: ignore[import-untyped]
 from badinput import checksum, connect
-from test_web_ops import ROOT, free_port, serve_a_running_run, start_server, status_of
-from test_web_support import BIG, Serve, problem, wait_for
+from test_faults import admin, app_settings, assert_clean
+from test_web_ops import ROOT, Proxy, free_port, serve_a_running_run, start_server, status_of
+from test_web_support import (
+    BIG,
+    RUN_TIMEOUT,
+    SMALL_CHUNKS,
+    Client,
+    Serve,
+    problem,
+    wait_for,
+)
 
 from service.jobs import run_once
 from service.settings import Settings
@@ -29,6 +41,7 @@ from service.web.keys import EXECUTOR
 from service.workers import make_executor
 
 pytest_plugins = ["test_web_support"]
+__all__ = ["admin", "app_settings"]  # fixtures
 
 
 def server_env(settings: Settings, data_dir: Path, **extra: str) -> dict[str, str]:
@@ -197,6 +210,7 @@ async def test_workers_that_cannot_be_restarted_make_readyz_503(
 HOLD_A_SCRATCH_DIR = """
 import sys, time
 from pathlib import Path
+from typing import Any
 from service.scratch import ScratchDir
 scratch = ScratchDir(sys.argv[1], Path(sys.argv[2]))
 print(scratch.path, flush=True)
@@ -250,3 +264,59 @@ async def test_start_up_removes_temporary_directories_of_dead_processes_only(
     finally:
         live.kill()
         live.wait()
+
+
+async def wait_for_phase(client: Client, run_id: int, phase: str) -> None:
+    async with asyncio.timeout(RUN_TIMEOUT):
+        while True:
+            async with client.get(f"/runs/{run_id}") as response:
+                run = await response.json()
+            assert run["status"] in ("queued", "running"), run
+            if run["progress"]["phase"] == phase:
+                return
+            await asyncio.sleep(0.02)
+
+
+async def run_and_wait(client: Client, dataset: str | None = None) -> dict[str, Any]:
+    async with client.post("/runs", json={"dataset": dataset or ""}) as response:
+        assert response.status == 202, await response.text()
+        run = await response.json()
+    return await wait_for(client, run["id"], {"succeeded", "failed", "cancelled"})
+
+
+async def test_a_frozen_database_connection_fails_the_run_and_the_next_one_works(
+    serve: Serve, big: str, app_settings: Settings, admin: asyncpg.Connection
+) -> None:
+    """Finding 4: connections that stop answering (no FIN, no RST) mid-COPY must not hang
+    the service: the run fails with a clear message, recorded over a fresh connection."""
+    settings = app_settings
+    assert settings.database_url is not None
+    proxy = Proxy(settings.database_url)
+    await proxy.open()
+    try:
+        client = await serve(
+            database_url=proxy.url, db_timeout=1.5, chunk_bytes=SMALL_CHUNKS, workers=2
+        )
+        assert (await run_and_wait(client))["status"] == "succeeded"
+        before = await checksum(settings)
+        async with client.post("/runs", json={"dataset": big}) as response:
+            assert response.status == 202
+            run = await response.json()
+        await wait_for_phase(client, run["id"], "loading")
+        assert proxy.freeze() >= 3  # the run's lock and COPY connections, at least
+        frozen = time.monotonic()
+        failed = await wait_for(client, run["id"], {"succeeded", "failed", "cancelled"})
+        took = time.monotonic() - frozen
+        assert failed["status"] == "failed", failed
+        assert failed["message"].startswith("database stopped answering"), failed["message"]
+        assert took < 10, f"the run took {took:.1f} s to give up on its frozen connections"
+        assert await checksum(settings) == before
+        assert await status_of(client, "/readyz") == 200
+        # The next run works while the frozen connections are still open: nothing they
+        # held blocks it.
+        assert (await run_and_wait(client))["status"] == "succeeded"
+        await client.close()
+        proxy.reset_frozen()  # the network cuts them at last
+        await assert_clean(settings, admin)
+    finally:
+        await proxy.close()

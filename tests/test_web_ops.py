@@ -35,7 +35,11 @@ Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 
 class Proxy:
-    """A TCP forwarder to the test database that a test can cut and restore."""
+    """A TCP forwarder to the test database that a test can cut, freeze and restore.
+
+    ``freeze`` makes the open connections stop forwarding without closing them (no FIN,
+    no RST: a network fault, or a failover behind a virtual IP); new connections work.
+    """
 
     def __init__(self, database_url: str) -> None:
         self.target = urlsplit(database_url)
@@ -52,6 +56,7 @@ class Proxy:
         self.server: asyncio.Server | None = None
         self.writers: set[asyncio.StreamWriter] = set()
         self.tasks: set[asyncio.Task[None]] = set()
+        self.gates: dict[asyncio.StreamWriter, asyncio.Event] = {}  # set while forwarding
 
     @property
     def url(self) -> str:
@@ -70,6 +75,8 @@ class Proxy:
         self.server.close()
         for writer in list(self.writers):
             writer.transport.abort()
+        for gate in self.gates.values():
+            gate.set()
         await self.server.wait_closed()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         self.server = None
@@ -85,18 +92,37 @@ class Proxy:
             writer.transport.abort()
             return
         self.writers.add(up_writer)
+        gate = self.gates[writer] = asyncio.Event()
+        gate.set()
         try:
-            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+            await asyncio.gather(_pipe(reader, up_writer, gate), _pipe(up_reader, writer, gate))
         finally:
             for each in (writer, up_writer):
                 each.transport.abort()
                 self.writers.discard(each)
+            self.gates.pop(writer, None)
             self.tasks.discard(task)  # type: ignore[arg-type]
 
+    def freeze(self) -> int:
+        """Stop forwarding on every open connection; how many were frozen."""
+        for gate in self.gates.values():
+            gate.clear()
+        return len(self.gates)
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def reset_frozen(self) -> None:
+        """Cut the frozen connections at last (the RST that finally arrives)."""
+        for writer, gate in list(self.gates.items()):
+            if not gate.is_set():
+                writer.transport.abort()
+                gate.set()  # the pipes run into the cut and end both sides
+
+
+async def _pipe(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, gate: asyncio.Event
+) -> None:
     try:
         while data := await reader.read(65536):
+            await gate.wait()
             writer.write(data)
             await writer.drain()
     except OSError:
