@@ -11,6 +11,7 @@ import asyncio
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,8 +23,9 @@ from typing import Any
 import aiohttp
 import asyncpg
 import psutil  # type: ignore[import-untyped]
+import pytest
 from badinput import checksum, connect
-from test_faults import admin, app_settings, assert_clean
+from test_faults import admin, app_settings, assert_clean, medium_data
 from test_web_ops import ROOT, Proxy, free_port, serve_a_running_run, start_server, status_of
 from test_web_support import (
     BIG,
@@ -41,7 +43,7 @@ from service.web.keys import EXECUTOR
 from service.workers import make_executor
 
 pytest_plugins = ["test_web_support"]
-__all__ = ["admin", "app_settings"]  # fixtures
+__all__ = ["admin", "app_settings", "medium_data"]  # fixtures
 
 
 def server_env(settings: Settings, data_dir: Path, **extra: str) -> dict[str, str]:
@@ -320,3 +322,56 @@ async def test_a_frozen_database_connection_fails_the_run_and_the_next_one_works
         await assert_clean(settings, admin)
     finally:
         await proxy.close()
+
+
+MOUNT_AND_RUN = 'mount -t tmpfs -o "$1" tmpfs "$2" && shift 2 && exec "$@"'
+
+
+def private_tmpfs_available() -> str | None:
+    """Why a tiny tmpfs cannot be mounted in a private mount namespace, or None."""
+    if shutil.which("unshare") is None:
+        return "unshare(1) is not installed"
+    probe = subprocess.run(
+        ["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
+        capture_output=True,
+        text=True,
+    )
+    return probe.stderr.strip() or None if probe.returncode else None
+
+
+@pytest.mark.parametrize(
+    ("mount", "expected"),
+    [
+        ("size=256k", "is full: this run needs about 1 MB (ETL_TMP_DIR)"),
+        ("ro,size=256k", "permission denied on the spill directory"),
+    ],
+    ids=["disk-full", "read-only"],
+)
+async def test_a_full_or_unwritable_spill_directory_is_one_line_on_the_cli(
+    settings: Settings, medium_data: Path, tmp_path: Path, mount: str, expected: str
+) -> None:
+    """Finding 5: say what and where in one line, no traceback, exit 1, old results kept."""
+    reason = private_tmpfs_available()
+    if reason is not None:
+        pytest.skip(f"cannot mount a small tmpfs for the spill directory: {reason}")
+    assert (await run_once(settings, settings.data_dir))["status"] == "succeeded"
+    before = await checksum(settings)
+    spill = tmp_path / "small-disk"
+    spill.mkdir()
+    command = [
+        *("unshare", "-m", "sh", "-c", MOUNT_AND_RUN, "sh", mount, str(spill)),
+        *(sys.executable, "-m", "service", "run", str(medium_data)),
+        *("--database-url", settings.database_url or "", "--schema", settings.db_schema or ""),
+    ]
+    env = {**os.environ, "ETL_TMP_DIR": str(spill), "ETL_WORKERS": "2"}
+    done = await asyncio.to_thread(
+        subprocess.run, command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output
+    assert "Traceback" not in output, output
+    failure = [line for line in done.stderr.splitlines() if line.startswith("Run ")]
+    assert len(failure) == 1, output
+    assert f"spill directory {spill}" in failure[0] and expected in failure[0], failure
+    assert await checksum(settings) == before
+    assert list(spill.iterdir()) == []  # the tmpfs lived in the run's namespace only
