@@ -235,6 +235,7 @@ class RunLife:
         self.request = request
         self.ending = Ending()
         self.stats: RunStats | None = None
+        self.reporting = True
 
     async def execute(self, lock_conn: Connection) -> dict[str, Any]:
         started = time.monotonic()
@@ -284,8 +285,11 @@ class RunLife:
                 )
                 log.debug("run failed", exc_info=True, extra={"run_id": run_id})
         finally:
+            # Asked twice: a cancellation that lands as a database call times out can be
+            # lost (asyncio.wait_for in 3.11), and the reporter must not outlive the run.
+            self.reporting = False
             reporter.cancel()
-            await asyncio.gather(reporter, return_exceptions=True)
+            await asyncio.wait({reporter}, timeout=self.runner.settings.db_timeout + 1)
 
     async def _wrap_up(self, lock_conn: Connection, started: float) -> None:
         ending, runner = self.ending, self.runner
@@ -321,7 +325,7 @@ class RunLife:
     async def _report_progress(self) -> None:
         """Mirror live progress into the run row for other processes' readers."""
         last: dict[str, Any] = {}
-        while True:
+        while self.reporting:
             await asyncio.sleep(PROGRESS_INTERVAL)
             current = self.pipeline.progress.to_json()
             if current != last:

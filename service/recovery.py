@@ -29,11 +29,11 @@ ORPHANED = "the process running this run stopped unexpectedly; nothing was loade
 async def recover(store: RunStore, settings: Any) -> list[int]:
     """Start-up cleanup: abandoned temporary directories, then orphaned runs."""
     await asyncio.to_thread(clean_leftovers, settings.tmp_dir)
-    return await reap(store)
+    return await reap(store, settings.lock_timeout)
 
 
-async def reap(store: RunStore) -> list[int]:
-    """Mark runs whose process died as failed; the ids marked."""
+async def reap(store: RunStore, lock_timeout: float = 5.0) -> list[int]:
+    """Mark runs whose process died as failed, and drop the tables they left; the ids."""
     marked: list[int] = []
     async with store.pool.acquire() as conn:
         for run_id in await store.orphans(conn):
@@ -46,6 +46,8 @@ async def reap(store: RunStore) -> list[int]:
                 await store.unlock(conn, run_id)
     for run_id in marked:
         log.warning("orphaned run marked failed", extra={"run_id": run_id, "event": "recover"})
+    if marked:
+        await store.drop_leftover_tables(lock_timeout)
     return marked
 
 
@@ -71,7 +73,8 @@ async def bootstrap(runner: Runner, retry_every: float = 1.0) -> None:
 
 
 async def reap_forever(runner: Runner, interval: float) -> None:
-    """Every ``interval`` s: mark runs of dead replicas failed, repair broken workers."""
+    """Every ``interval`` s: mark runs of dead replicas failed (and remove what they left
+    in a spill directory shared with this one), repair broken workers."""
     while True:
         await asyncio.sleep(interval)
         workers = runner.executor
@@ -80,6 +83,7 @@ async def reap_forever(runner: Runner, interval: float) -> None:
         if not runner.ready:
             continue
         try:
-            await reap(runner.store)
+            if await reap(runner.store, runner.settings.lock_timeout):
+                await asyncio.to_thread(clean_leftovers, runner.settings.tmp_dir)
         except DATABASE_ERRORS as exc:
             log.warning("reaper: database unavailable", extra={"detail": repr(exc)})

@@ -143,5 +143,17 @@ class RunStore:
             return
         await self.pool.release(conn)
 
+    async def drop_leftover_tables(self, lock_timeout: float) -> bool:
+        """Drop staging and replaced tables a dead run left, unless a run is active."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(f"SET LOCAL lock_timeout = '{int(lock_timeout * 1000)}ms'")
+            await conn.execute(sql.LOCK_RUNS)
+            if await self.active(conn) is not None:
+                return False
+            for table in sql.RESULT_TABLES:
+                await conn.execute(sql.drop_staging(table))
+                await conn.execute(sql.drop_retired(table))
+        return True
+
     async def orphans(self, conn: Connection) -> list[int]:
         return [row["id"] for row in await conn.fetch(sql.ORPHANED_RUNS)]

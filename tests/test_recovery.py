@@ -375,3 +375,22 @@ async def test_a_full_or_unwritable_spill_directory_is_one_line_on_the_cli(
     assert f"spill directory {spill}" in failure[0] and expected in failure[0], failure
     assert await checksum(settings) == before
     assert list(spill.iterdir()) == []  # the tmpfs lived in the run's namespace only
+
+
+async def test_a_surviving_replica_marks_the_run_of_a_dead_one_failed(
+    settings: Settings, big_dataset: Path, tmp_path: Path, serve: Serve
+) -> None:
+    """Two replicas on one database: when the one running a run dies, the other marks
+    that run failed by its periodic reaper, without anyone restarting."""
+    survivor = await serve(reap_interval=0.2)
+    process, run = await serve_a_running_run(settings, big_dataset, tmp_path / "serve.log")
+    async with survivor.post("/runs") as response:  # one run at a time across replicas
+        assert (await problem(response, 409))["active_run_id"] == run["id"]
+    process.kill()
+    process.wait()
+    killed = time.monotonic()
+    reaped = await wait_for(survivor, run["id"], {"failed", "succeeded", "cancelled"})
+    assert reaped["status"] == "failed"
+    assert "stopped unexpectedly" in reaped["message"]
+    assert time.monotonic() - killed < 5
+    assert (await run_and_wait(survivor))["status"] == "succeeded"

@@ -56,7 +56,7 @@ class Proxy:
         self.server: asyncio.Server | None = None
         self.writers: set[asyncio.StreamWriter] = set()
         self.tasks: set[asyncio.Task[None]] = set()
-        self.gates: dict[asyncio.StreamWriter, asyncio.Event] = {}  # set while forwarding
+        self.flows: dict[asyncio.StreamWriter, Flow] = {}
 
     @property
     def url(self) -> str:
@@ -75,8 +75,8 @@ class Proxy:
         self.server.close()
         for writer in list(self.writers):
             writer.transport.abort()
-        for gate in self.gates.values():
-            gate.set()
+        for flow in self.flows.values():
+            flow.cut()
         await self.server.wait_closed()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         self.server = None
@@ -92,37 +92,50 @@ class Proxy:
             writer.transport.abort()
             return
         self.writers.add(up_writer)
-        gate = self.gates[writer] = asyncio.Event()
-        gate.set()
+        flow = self.flows[writer] = Flow()
         try:
-            await asyncio.gather(_pipe(reader, up_writer, gate), _pipe(up_reader, writer, gate))
+            await asyncio.gather(_pipe(reader, up_writer, flow), _pipe(up_reader, writer, flow))
         finally:
             for each in (writer, up_writer):
                 each.transport.abort()
                 self.writers.discard(each)
-            self.gates.pop(writer, None)
+            self.flows.pop(writer, None)
             self.tasks.discard(task)  # type: ignore[arg-type]
 
     def freeze(self) -> int:
         """Stop forwarding on every open connection; how many were frozen."""
-        for gate in self.gates.values():
-            gate.clear()
-        return len(self.gates)
+        for flow in self.flows.values():
+            flow.gate.clear()
+        return len(self.flows)
 
     def reset_frozen(self) -> None:
-        """Cut the frozen connections at last (the RST that finally arrives)."""
-        for writer, gate in list(self.gates.items()):
-            if not gate.is_set():
+        """Cut the frozen connections at last (the RST that finally arrives): what they
+        held back is lost, as it would be on the wire."""
+        for writer, flow in list(self.flows.items()):
+            if not flow.gate.is_set():
                 writer.transport.abort()
-                gate.set()  # the pipes run into the cut and end both sides
+                flow.cut()
 
 
-async def _pipe(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, gate: asyncio.Event
-) -> None:
+class Flow:
+    """Whether one forwarded connection passes bytes (``gate`` set) or was cut."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.open = True
+
+    def cut(self) -> None:
+        self.open = False
+        self.gate.set()
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, flow: Flow) -> None:
     try:
         while data := await reader.read(65536):
-            await gate.wait()
+            await flow.gate.wait()
+            if not flow.open:
+                break
             writer.write(data)
             await writer.drain()
     except OSError:

@@ -157,6 +157,8 @@ RETURNING status
 """
 # Runs left active by a process that died: nobody holds their run lock any more.
 ORPHANED_RUNS = "SELECT id FROM etl_runs WHERE status IN ('queued', 'running')"
+# Held while dropping what a dead run left: no run can start meanwhile (its INSERT waits).
+LOCK_RUNS = "LOCK TABLE etl_runs IN SHARE MODE"
 # Backends of connections that stopped answering: ending them frees their locks.
 TERMINATE_BACKENDS = """
 SELECT count(*) FILTER (WHERE pg_terminate_backend(pid))
