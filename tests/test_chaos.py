@@ -37,7 +37,16 @@ import psutil  # type: ignore[import-untyped]
 import pytest
 from badinput import checksum, scratch_tables
 from test_faults import admin, app_name, app_settings, backends
-from test_web_ops import Proxy, free_port, start_server, status_of
+from test_web_ops import (
+    Proxy,
+    free_port,
+    log_tail,
+    server_env,
+    start_server,
+    status_of,
+    until_ready,
+    worker_processes,
+)
 
 from service.generate import generate
 from service.settings import Settings
@@ -77,16 +86,13 @@ class Soak:
     durations: list[float] = dataclasses.field(default_factory=list)
 
     def env(self) -> dict[str, str]:
-        return {
-            **os.environ,
-            "DATABASE_URL": self.proxy.url,
-            "ETL_DB_SCHEMA": self.settings.db_schema or "",
-            "ETL_DATA_DIR": str(self.data),
-            "ETL_TMP_DIR": str(self.settings.tmp_dir),
-            "ETL_WORKERS": "2",
-            "ETL_DB_TIMEOUT": DB_TIMEOUT,
-            "ETL_API_TOKEN": "",
-        }
+        return server_env(
+            self.settings,
+            self.data,
+            DATABASE_URL=self.proxy.url,
+            ETL_WORKERS="2",
+            ETL_DB_TIMEOUT=DB_TIMEOUT,
+        )
 
     def client(self) -> aiohttp.ClientSession:
         return aiohttp.ClientSession(
@@ -97,30 +103,20 @@ class Soak:
         """A server (recovering what the last one left), ready to run."""
         self.port = free_port()
         self.starts += 1
-        self.process = start_server(self.port, self.env(), self.logs / f"serve-{self.starts}.log")
+        self.process = start_server(self.port, self.env(), self.log_path())
         async with self.client() as client:
-            for _ in range(300):
-                assert self.process.poll() is None, self.log_tail()
-                try:
-                    if await status_of(client, "/readyz") == 200:
-                        break
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.05)
-            else:
-                raise AssertionError("the server never became ready\n" + self.log_tail())
+            await until_ready(client, self.process, self.log_path())
         self.family = [psutil.Process(self.process.pid), *self.workers()]
 
     def workers(self) -> list[psutil.Process]:
         assert self.process is not None
-        return [
-            child
-            for child in psutil.Process(self.process.pid).children()
-            if any("spawn_main" in part for part in child.cmdline())
-        ]
+        return worker_processes(self.process.pid)
+
+    def log_path(self) -> Path:
+        return self.logs / f"serve-{self.starts}.log"
 
     def log_tail(self) -> str:
-        return (self.logs / f"serve-{self.starts}.log").read_text()[-4000:]
+        return log_tail(self.log_path())
 
     async def stopped(self, limit: float = 15) -> int | None:
         """Wait for the server to end; its exit code. No process of it may stay behind."""

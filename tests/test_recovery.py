@@ -26,7 +26,17 @@ import psutil  # type: ignore[import-untyped]
 import pytest
 from badinput import checksum, connect
 from test_faults import admin, app_settings, assert_clean, medium_data
-from test_web_ops import ROOT, Proxy, free_port, serve_a_running_run, start_server, status_of
+from test_web_ops import (
+    ROOT,
+    Proxy,
+    free_port,
+    serve_a_running_run,
+    server_env,
+    start_server,
+    status_of,
+    until_ready,
+    worker_processes,
+)
 from test_web_support import (
     BIG,
     RUN_TIMEOUT,
@@ -46,31 +56,6 @@ pytest_plugins = ["test_web_support"]
 __all__ = ["admin", "app_settings", "medium_data"]  # fixtures
 
 
-def server_env(settings: Settings, data_dir: Path, **extra: str) -> dict[str, str]:
-    return {
-        **os.environ,
-        "DATABASE_URL": settings.database_url or "",
-        "ETL_DB_SCHEMA": settings.db_schema or "",
-        "ETL_DATA_DIR": str(data_dir),
-        "ETL_TMP_DIR": str(settings.tmp_dir),
-        "ETL_WORKERS": "1",
-        "ETL_API_TOKEN": "",
-        **extra,
-    }
-
-
-async def until_healthy(client: aiohttp.ClientSession, process: subprocess.Popen[bytes]) -> None:
-    for _ in range(300):
-        assert process.poll() is None, "the server exited at start-up"
-        try:
-            if await status_of(client, "/readyz") == 200:
-                return
-        except aiohttp.ClientConnectionError:
-            pass
-        await asyncio.sleep(0.05)
-    raise AssertionError("the server never became ready")
-
-
 async def test_sigterm_right_after_the_swap_commit_keeps_the_run_succeeded(
     settings: Settings, tmp_path: Path
 ) -> None:
@@ -87,7 +72,7 @@ async def test_sigterm_right_after_the_swap_commit_keeps_the_run_succeeded(
             process = start_server(port, env, tmp_path / f"serve-{attempt}.log")
             try:
                 async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as client:
-                    await until_healthy(client, process)
+                    await until_ready(client, process, tmp_path / f"serve-{attempt}.log")
                     async with client.post("/runs") as response:
                         assert response.status == 202
                         run = await response.json()
@@ -119,15 +104,6 @@ async def test_sigterm_right_after_the_swap_commit_keeps_the_run_succeeded(
     assert (await checksum(settings))["experiment_counts"][0] == 10
 
 
-def worker_processes(server: subprocess.Popen[bytes]) -> list[psutil.Process]:
-    """The server's pool workers (spawned children; not the resource tracker)."""
-    return [
-        child
-        for child in psutil.Process(server.pid).children()
-        if any("spawn_main" in part for part in child.cmdline())
-    ]
-
-
 async def test_a_killed_worker_fails_that_run_clearly_and_the_next_run_works(
     settings: Settings, big_dataset: Path, tmp_path: Path
 ) -> None:
@@ -136,7 +112,7 @@ async def test_a_killed_worker_fails_that_run_clearly_and_the_next_run_works(
     port = int(process.args[-1])  # type: ignore[index]
     try:
         async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as client:
-            workers = worker_processes(process)
+            workers = worker_processes(process.pid)
             assert len(workers) == 2, workers
             workers[0].kill()
             failed = await wait_for(
@@ -147,7 +123,7 @@ async def test_a_killed_worker_fails_that_run_clearly_and_the_next_run_works(
             assert failed["status"] == "failed", failed
             assert failed["message"] == "a worker process died (signal 9; out of memory?)"
             assert await status_of(client, "/readyz") == 200
-            replaced = worker_processes(process)
+            replaced = worker_processes(process.pid)
             assert len(replaced) == 2 and workers[0] not in replaced
             async with client.post("/runs") as response:
                 assert response.status == 202, await response.text()

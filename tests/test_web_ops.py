@@ -249,20 +249,54 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def server_env(settings: Settings, data_dir: Path, **extra: str) -> dict[str, str]:
+    """The environment of an ``experiment-etl serve`` subprocess on the test's database."""
+    return {
+        **os.environ,
+        "DATABASE_URL": settings.database_url or "",
+        "ETL_DB_SCHEMA": settings.db_schema or "",
+        "ETL_DATA_DIR": str(data_dir),
+        "ETL_TMP_DIR": str(settings.tmp_dir),
+        "ETL_WORKERS": "1",
+        "ETL_API_TOKEN": "",
+        **extra,
+    }
+
+
+async def until_ready(
+    client: aiohttp.ClientSession, process: subprocess.Popen[bytes], log_path: Path
+) -> None:
+    """Wait for a server subprocess to answer ``/readyz`` with 200."""
+    for _ in range(300):
+        assert process.poll() is None, log_tail(log_path)
+        try:
+            if await status_of(client, "/readyz") == 200:
+                return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.05)
+    raise AssertionError("the server never became ready\n" + log_tail(log_path))
+
+
+def log_tail(log_path: Path) -> str:
+    return log_path.read_text()[-4000:]
+
+
+def worker_processes(server_pid: int) -> list[psutil.Process]:
+    """A server's pool workers (its spawned children, not the resource tracker)."""
+    return [
+        child
+        for child in psutil.Process(server_pid).children()
+        if any("spawn_main" in part for part in child.cmdline())
+    ]
+
+
 async def serve_a_running_run(
     settings: Settings, big_dataset: Path, log_path: Path
 ) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
     """``experiment-etl serve`` in a subprocess with a long run going; the process and run."""
     port = free_port()
-    env = {
-        **os.environ,
-        "DATABASE_URL": settings.database_url or "",
-        "ETL_DB_SCHEMA": settings.db_schema or "",
-        "ETL_DATA_DIR": str(big_dataset),
-        "ETL_TMP_DIR": str(settings.tmp_dir),
-        "ETL_WORKERS": "2",
-        "ETL_API_TOKEN": "",
-    }
+    env = server_env(settings, big_dataset, ETL_WORKERS="2")
     process = start_server(port, env, log_path)
     try:
         async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as client:
