@@ -16,6 +16,8 @@ from typing import Any
 
 import asyncpg
 
+from .runstore import RunAlreadyEnded
+
 # Spill files take about the input's size; a bit more for their index and upload copies.
 SPILL_FACTOR = 1.2
 MB = 1e6
@@ -28,8 +30,11 @@ def describe(exc: BaseException, settings: Any, pipeline: Any = None) -> str:
     """
     if isinstance(exc, BrokenProcessPool):
         return "a worker process died"
+    if isinstance(exc, RunAlreadyEnded):
+        return str(exc)
     if isinstance(exc, asyncpg.DiskFullError):
-        return f"the database's disk is full: {_first_line(exc)}"
+        host = (settings.database_url or "the embedded PostgreSQL").split("@")[-1]
+        return f"the database's disk is full ({host}): {_first_line(exc)}"
     if isinstance(exc, TimeoutError):
         detail = str(exc)
         if detail.startswith("database stopped answering"):

@@ -47,6 +47,7 @@ from test_web_support import (
     wait_for,
 )
 
+from service.faults import describe
 from service.jobs import run_once
 from service.settings import Settings
 from service.web.keys import EXECUTOR
@@ -370,3 +371,26 @@ async def test_a_surviving_replica_marks_the_run_of_a_dead_one_failed(
     assert "stopped unexpectedly" in reaped["message"]
     assert time.monotonic() - killed < 5
     assert (await run_and_wait(survivor))["status"] == "succeeded"
+
+
+def test_operational_faults_read_as_one_line_naming_the_place(settings: Settings) -> None:
+    spill = settings.tmp_dir
+    full = OSError(errno.ENOSPC, "No space left on device")  # a write names no file
+    assert describe(full, settings) == f"spill directory {spill} is full (ETL_TMP_DIR)"
+    denied = PermissionError(errno.EACCES, "Permission denied", str(spill / "etl-run-x"))
+    assert describe(denied, settings) == (
+        f"permission denied on the spill directory {spill}: Permission denied (ETL_TMP_DIR)"
+    )
+    disk = asyncpg.DiskFullError('could not extend file "base/1/2": No space left on device')
+    host = (settings.database_url or "").split("@")[-1]
+    assert describe(disk, settings) == (
+        f'the database\'s disk is full ({host}): could not extend file "base/1/2": No space'
+        " left on device"
+    )
+    assert describe(TimeoutError(), settings) == (
+        "database stopped answering: no reply within 60 s"
+    )
+    elsewhere = OSError(errno.ENOSPC, "No space left on device", "/somewhere/else")
+    assert describe(elsewhere, settings) == (
+        "OSError: [Errno 28] No space left on device: '/somewhere/else'"
+    )
