@@ -3,7 +3,8 @@
 A full spill disk, a spill directory the service may not write, the database's own disk
 full, a database that stopped answering, a worker process that died: each gets a sentence
 naming the place (and, for space, about how much is needed). Anything else is a bug and
-keeps its exception's type and text; callers log its traceback.
+is a bug: :func:`describe` returns None, and the caller keeps the exception's type and
+text and logs its traceback.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ SPILL_FACTOR = 1.2
 MB = 1e6
 
 
-def describe(exc: BaseException, settings: Any, pipeline: Any = None) -> str:
-    """One line for a run that ended with ``exc``; ``type: text`` when it is no known fault.
+def describe(exc: BaseException, settings: Any, pipeline: Any = None) -> str | None:
+    """One line for a run that ended with ``exc``; None when it is no known fault (a bug).
 
     (A dead worker's signal is known to :meth:`WorkerPool.death`, which may block.)
     """
@@ -44,7 +45,7 @@ def describe(exc: BaseException, settings: Any, pipeline: Any = None) -> str:
         where = _place(exc, Path(settings.tmp_dir))
         if where is not None:
             return _disk_fault(exc, where, pipeline)
-    return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 def _place(exc: OSError, spill: Path) -> Path | None:

@@ -273,16 +273,17 @@ class RunLife:
             ending.status, ending.message = "cancelled", CANCELLED
         except Exception as exc:
             workers = self.runner.executor
+            fault: str | None
             if isinstance(exc, BrokenProcessPool) and isinstance(workers, WorkerPool):
-                ending.message = await asyncio.to_thread(workers.death)
+                fault = await asyncio.to_thread(workers.death)
             else:
-                ending.message = describe(exc, self.runner.settings, pipeline)
-            if ending.message.startswith(type(exc).__name__):  # not a known fault: a bug
+                fault = describe(exc, self.runner.settings, pipeline)
+            if fault is None:  # no known operational fault: a bug, traceback and all
+                ending.message = f"{type(exc).__name__}: {exc}"
                 log.exception("run failed", extra={"run_id": run_id, "event": "error"})
             else:
-                log.error(
-                    "run failed: %s", ending.message, extra={"run_id": run_id, "event": "error"}
-                )
+                ending.message = fault
+                log.error("run failed: %s", fault, extra={"run_id": run_id, "event": "error"})
                 log.debug("run failed", exc_info=True, extra={"run_id": run_id})
         finally:
             # Asked twice: a cancellation that lands as a database call times out can be
