@@ -18,12 +18,14 @@ from click.core import ParameterSource
 
 from .db import sql
 from .db.database import Pool, open_pool
-from .etl import RunOptions, executor_for
+from .etl import RunOptions
 from .generate import SHAPES, Shape, generate
 from .jobs import Runner, directory_request
 from .logs import AccessLogger, use_json_logs
+from .recovery import recover
 from .settings import Settings
 from .web.app import SHUTDOWN_TIMEOUT, create_app
+from .workers import executor_for
 
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
@@ -223,7 +225,7 @@ async def _run_once(settings: Settings, data_dir: Path, options: RunOptions) -> 
     async with open_pool(settings) as pool:
         with executor_for(settings) as executor:
             runner = Runner(pool, executor, settings)
-            await runner.recover()
+            await recover(runner.store, settings)
             return await runner.run_to_end(directory_request(data_dir, options), _show_progress)
 
 

@@ -10,27 +10,18 @@ stream into three staging tables; a final transaction swaps them in.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
 import dataclasses
-import importlib.util
 import itertools
 import logging
 import math
-import os
-import shutil
-import signal
-import sys
-import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import Executor, Future
 from concurrent.futures import wait as wait_futures
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from itertools import accumulate
-from multiprocessing import get_context
 from operator import sub
 from pathlib import Path
 from typing import Any, Literal, ParamSpec, TypeVar
@@ -52,6 +43,7 @@ from .pipeline.plan import InputPlan, plan_inputs
 from .pipeline.scan import ScanResult, scan_experiments, scan_users
 from .pipeline.spill import Extent, SpillIndex
 from .pipeline.tasks import Guarded, StopFile, compounds_task, run_task
+from .scratch import ScratchDir
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -101,54 +93,6 @@ class RunStats:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def make_executor(workers: int) -> Executor:
-    """Worker processes for real parallelism; one thread when asked for one worker."""
-    if workers <= 1:
-        return ThreadPoolExecutor(max_workers=1, thread_name_prefix="etl-worker")
-    # Spawned (not forked from a fork server) so each worker's parent is this process,
-    # which lets the kernel kill the workers if this process is killed (see below).
-    executor = ProcessPoolExecutor(
-        max_workers=workers,
-        mp_context=get_context("spawn"),
-        initializer=die_with_parent,
-        initargs=(os.getpid(),),
-    )
-    # Start the workers now rather than on a run's clock, and wait until each has
-    # imported the pipeline (~0.25 s): a run started at once would otherwise wait.
-    with _light_main_module():
-        wait_futures([executor.submit(int) for _ in range(workers)])
-    return executor
-
-
-@contextlib.contextmanager
-def _light_main_module() -> Iterator[None]:
-    """Spawned workers first import the parent's main module: the console script's is
-    the CLI, which pulls in aiohttp, click and asyncpg for nothing. While they start,
-    the main module names an empty one instead (spawn starts workers in ``submit``)."""
-    main = sys.modules["__main__"]
-    spec = getattr(main, "__spec__", None)
-    main.__spec__ = importlib.util.find_spec("service.pipeline.worker")
-    try:
-        yield
-    finally:
-        main.__spec__ = spec
-
-
-def die_with_parent(parent: int) -> None:
-    """Worker initializer: end with the parent, even when it is SIGKILLed.
-
-    A worker blocked writing a result to a parent that died would otherwise live on.
-    """
-    if sys.platform == "linux":
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # the parent died before the request took effect
-        os._exit(1)
-
-
-PR_SET_PDEATHSIG = 1
 
 
 Finalize = Callable[[Connection, RunStats], Awaitable[None]]
@@ -218,7 +162,8 @@ class Pipeline:
 
     async def run(self, finalize: Finalize) -> RunStats:
         started = time.perf_counter()
-        workdir = Path(tempfile.mkdtemp(prefix="etl-run-", dir=self.settings.tmp_dir))
+        scratch = await asyncio.to_thread(ScratchDir, "etl-run-", self.settings.tmp_dir)
+        workdir = scratch.path
         self._stop = StopFile(workdir / "STOP")
         try:
             return await self._run(workdir, started, finalize)
@@ -229,7 +174,7 @@ class Pipeline:
             await asyncio.shield(asyncio.to_thread(wait_futures, list(self._in_flight), 30))
             raise
         finally:
-            await asyncio.shield(asyncio.to_thread(shutil.rmtree, workdir, True))
+            await asyncio.shield(asyncio.to_thread(scratch.remove))
 
     async def _run(self, workdir: Path, started: float, finalize: Finalize) -> RunStats:
         self.progress.phase = "reading"
@@ -250,7 +195,7 @@ class Pipeline:
         total = scanned.experiment_rows - len(rejected)
         while True:
             try:
-                async with StagedLoad(self.pool) as load:
+                async with StagedLoad(self.pool, self.settings.db_timeout) as load:
                     done = await self._aggregate(load, plan, scanned, total, rejected)
                     self._check_errors()
                     return await self._commit(load, done, scanned, started, mark, finalize)
@@ -495,12 +440,3 @@ def _round_up(count: int, workers: int) -> int:
     """At least one partition, and whole rounds of them so no worker idles at the end."""
     step = max(1, workers)
     return max(1, math.ceil(count / step) * step)
-
-
-@contextlib.contextmanager
-def executor_for(settings: Settings) -> Any:
-    executor = make_executor(settings.workers)
-    try:
-        yield executor
-    finally:
-        executor.shutdown(wait=True, cancel_futures=True)

@@ -2,8 +2,10 @@
 
 Single flight holds across processes: a partial unique index allows one queued or
 running row, and the process executing a run holds a session advisory lock on its id.
-A run whose row is active but whose lock nobody holds belongs to a dead process; the
-next start marks it failed.
+:class:`Runner` starts, tracks and cancels this process's run; :class:`RunLife` is one
+run from start to its recorded end. The records and their SQL are in
+:mod:`service.runstore`; start-up and recovery from dead processes in
+:mod:`service.recovery`.
 """
 
 from __future__ import annotations
@@ -14,21 +16,23 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 
-from .db import sql
-from .db.database import Connection, Pool, ensure_schema
+from .db.database import Connection, Pool
 from .etl import Pipeline, RunOptions, RunStats
+from .faults import describe
 from .pipeline.errors import InputError
+from .runstore import ACTIVE, DATABASE_ERRORS, Ending, RunStore
+from .workers import BrokenProcessPool, WorkerPool
 
 log = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL = 1.0
-ACTIVE = ("queued", "running")
+CANCELLED = "cancelled; nothing was loaded"
 
 
 class RunConflict(Exception):
@@ -52,21 +56,14 @@ class DatabaseUnavailable(Exception):
     """The database does not answer (yet): try again later."""
 
 
+class WorkersUnavailable(Exception):
+    """No working set of worker processes could be started: try again later."""
+
+
 class RunNotActive(Exception):
     def __init__(self, run_id: int, status: str) -> None:
         super().__init__(f"run {run_id} is {status}, not running")
         self.status = status
-
-
-@dataclass
-class Outcome:
-    """How a run ended, filled in as it goes."""
-
-    status: str = "failed"
-    stats: RunStats | None = None
-    errors: list[dict[str, Any]] = field(default_factory=list)
-    total: int = 0
-    message: str | None = None
 
 
 @dataclass(frozen=True)
@@ -109,12 +106,13 @@ class Runner:
 
     def __init__(self, pool: Pool, executor: Executor, settings: Any) -> None:
         self.pool = pool
+        self.store = RunStore(pool)
         self.executor = executor
         self.settings = settings
         self.pipeline: Pipeline | None = None
         self.run_id: int | None = None
         self.task: asyncio.Task[dict[str, Any]] | None = None
-        # False until the schema is in place and orphans are recovered (see ``bootstrap``).
+        # False until the schema is in place and orphans are recovered (see ``recovery``).
         self.ready = True
         self.on_finish: Callable[[str, Pipeline, RunStats | None, float], None] | None = None
 
@@ -122,6 +120,7 @@ class Runner:
         """Record a queued run and start it in the background; the run as JSON."""
         if not self.ready:
             raise DatabaseUnavailable("the database has not answered since start-up")
+        await self._repair_workers()
         if request.idempotency_key:
             existing = await self._by_key(request)
             if existing is not None:
@@ -129,22 +128,19 @@ class Runner:
         conn: Connection = await self.pool.acquire()
         try:
             try:
-                async with conn.transaction():
-                    row = await conn.fetchrow(
-                        sql.INSERT_RUN,
-                        json.dumps(request.source),
-                        json.dumps(request.options.to_json()),
-                        request.idempotency_key,
-                        request.request_hash,
-                    )
-                    assert row is not None
-                    await conn.fetchval(sql.RUN_LOCK, row["id"])
+                row = await self.store.create(
+                    conn,
+                    request.source,
+                    request.options.to_json(),
+                    request.idempotency_key,
+                    request.request_hash,
+                )
             except asyncpg.UniqueViolationError as exc:
                 if exc.constraint_name == "etl_runs_idempotency_key_key":
                     again = await self._by_key(request)
                     if again is not None:
                         return again
-                active = await conn.fetchrow(sql.ACTIVE_RUN)
+                active = await self.store.active(conn)
                 raise RunConflict(active["id"] if active else -1) from None
         except BaseException:
             await self.pool.release(conn)
@@ -155,15 +151,24 @@ class Runner:
             self.settings, self.pool, self.executor, request.source_dir, request.options
         )
         self.pipeline, self.run_id = pipeline, row["id"]
-        self.task = asyncio.create_task(self._execute(conn, row["id"], pipeline, request))
+        life = RunLife(self, row["id"], pipeline, request)
+        self.task = asyncio.create_task(life.execute(conn))
         # Let the task take its first step: a task cancelled before it starts never runs
         # its finally blocks, which would leak the lock connection.
         await asyncio.sleep(0)
         log.info("run queued", extra={"run_id": row["id"], "event": "queued"})
         return run_to_json(row)
 
+    async def _repair_workers(self) -> None:
+        """Workers that died are replaced before a run; 503 while that is impossible."""
+        workers = self.executor
+        if not isinstance(workers, WorkerPool) or not workers.needs_repair:
+            return
+        if not await asyncio.to_thread(workers.heal):
+            raise WorkersUnavailable(workers.problem)
+
     async def _by_key(self, request: RunRequest) -> dict[str, Any] | None:
-        row = await self.pool.fetchrow(sql.RUN_BY_KEY, request.idempotency_key)
+        row = await self.store.by_key(request.idempotency_key)
         if row is None:
             return None
         if row["request_hash"] != request.request_hash:
@@ -172,129 +177,6 @@ class Runner:
         if request.cleanup is not None:
             request.cleanup()
         return await self.get(row["id"])
-
-    async def _execute(
-        self, lock_conn: Connection, run_id: int, pipeline: Pipeline, request: RunRequest
-    ) -> dict[str, Any]:
-        started = time.monotonic()
-        outcome = Outcome()
-        try:
-            await self._attempt(run_id, pipeline, outcome)
-        finally:
-            # One shielded step: a second cancellation cannot skip releasing the run's
-            # lock connection or recording how the run ended.
-            await asyncio.shield(
-                self._wrap_up(lock_conn, run_id, pipeline, request, outcome, started)
-            )
-        return await self.get(run_id)
-
-    async def _attempt(self, run_id: int, pipeline: Pipeline, outcome: Outcome) -> None:
-        reporter = asyncio.create_task(self._report_progress(run_id, pipeline))
-        try:
-            await self.pool.execute(sql.START_RUN, run_id)
-            log.info("run started", extra={"run_id": run_id, "event": "start"})
-
-            async def finalize(conn: Connection, done: RunStats) -> None:
-                await conn.execute(
-                    sql.FINISH_RUN,
-                    run_id,
-                    "succeeded",
-                    json.dumps(pipeline.progress.to_json()),
-                    json.dumps(done.to_json()),
-                    json.dumps(_errors(pipeline)),
-                    pipeline.errors.total,
-                    None,
-                )
-
-            outcome.stats = await pipeline.run(finalize)
-            outcome.status = "succeeded"
-        except InputError as exc:
-            outcome.errors = [e.to_dict() for e in exc.errors]
-            outcome.total, outcome.message = exc.total, str(exc)
-        except asyncio.CancelledError:
-            outcome.status, outcome.message = "cancelled", "cancelled; nothing was loaded"
-        except Exception as exc:
-            log.exception("run failed", extra={"run_id": run_id, "event": "error"})
-            outcome.message = f"{type(exc).__name__}: {exc}"
-        finally:
-            reporter.cancel()
-            await asyncio.gather(reporter, return_exceptions=True)
-
-    async def _wrap_up(
-        self,
-        lock_conn: Connection,
-        run_id: int,
-        pipeline: Pipeline,
-        request: RunRequest,
-        outcome: Outcome,
-        started: float,
-    ) -> None:
-        if outcome.status != "succeeded":
-            await self._record_end(
-                run_id, outcome.status, pipeline, outcome.errors, outcome.total, outcome.message
-            )
-        await self._unlock(lock_conn, run_id)
-        if request.cleanup is not None:
-            await asyncio.to_thread(request.cleanup)
-        if self.on_finish is not None:
-            self.on_finish(outcome.status, pipeline, outcome.stats, time.monotonic() - started)
-        if self.pipeline is pipeline:  # the next run may have started meanwhile
-            self.pipeline = None
-        log.info(
-            "run finished",
-            extra={
-                "run_id": run_id,
-                "event": "finish",
-                "status": outcome.status,
-                "detail": outcome.message,
-            },
-        )
-
-    async def _record_end(
-        self,
-        run_id: int,
-        status: str,
-        pipeline: Pipeline,
-        errors: list[dict[str, Any]],
-        total: int,
-        message: str | None,
-    ) -> None:
-        try:
-            await self.pool.execute(
-                sql.FINISH_RUN,
-                run_id,
-                status,
-                json.dumps(pipeline.progress.to_json()),
-                None,
-                json.dumps(errors),
-                total,
-                message,
-            )
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-            # The database is gone: the run stays active and the next start marks it
-            # failed (its lock dies with our connection).
-            log.exception("could not record the end of run", extra={"run_id": run_id})
-
-    async def _unlock(self, conn: Connection, run_id: int) -> None:
-        try:
-            await conn.fetchval(sql.RUN_UNLOCK, run_id)
-            await self.pool.release(conn)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-            conn.terminate()
-            await self.pool.release(conn)
-
-    async def _report_progress(self, run_id: int, pipeline: Pipeline) -> None:
-        """Mirror live progress into the run row for other processes' readers."""
-        last: dict[str, Any] = {}
-        while True:
-            await asyncio.sleep(PROGRESS_INTERVAL)
-            current = pipeline.progress.to_json()
-            if current != last:
-                try:
-                    await self.pool.execute(sql.SET_PROGRESS, run_id, json.dumps(current))
-                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-                    log.warning("progress not recorded", extra={"run_id": run_id})
-                last = current
 
     async def run_to_end(
         self, request: RunRequest, watch: Callable[[Runner], Awaitable[None]] | None = None
@@ -309,7 +191,7 @@ class Runner:
         return await asyncio.shield(self.task) if self.task is not None else None
 
     async def get(self, run_id: int) -> dict[str, Any]:
-        row = await self.pool.fetchrow(sql.RUN_BY_ID, run_id)
+        row = await self.store.by_id(run_id)
         if row is None:
             raise RunNotFound(run_id)
         live = None
@@ -318,8 +200,7 @@ class Runner:
         return run_to_json(row, live)
 
     async def history(self, status: str | None, limit: int) -> list[dict[str, Any]]:
-        rows = await self.pool.fetch(sql.LIST_RUNS, status, limit)
-        return [run_to_json(r) for r in rows]
+        return [run_to_json(r) for r in await self.store.history(status, limit)]
 
     async def cancel(self, run_id: int) -> dict[str, Any]:
         run = await self.get(run_id)
@@ -331,47 +212,129 @@ class Runner:
             return await self.get(run_id)
         raise RunNotActive(run_id, "running in another process")
 
-    async def recover(self) -> list[int]:
-        """Mark runs whose process died as failed; the ids marked."""
-        marked: list[int] = []
-        async with self.pool.acquire() as conn:
-            for row in await conn.fetch(sql.ORPHANED_RUNS):
-                if await conn.fetchval(sql.RUN_LOCK, row["id"]):
-                    await conn.execute(
-                        sql.FAIL_ORPHAN,
-                        row["id"],
-                        "the process running this run stopped unexpectedly; nothing was loaded",
-                    )
-                    await conn.fetchval(sql.RUN_UNLOCK, row["id"])
-                    marked.append(row["id"])
-        for run_id in marked:
-            log.warning("orphaned run marked failed", extra={"run_id": run_id, "event": "recover"})
-        return marked
-
-    async def bootstrap(self, schema: str | None, retry_every: float = 1.0) -> None:
-        """Create the schema and recover orphaned runs as soon as the database answers."""
-        self.ready = False
-        while True:
-            try:
-                async with self.pool.acquire() as conn:
-                    await ensure_schema(conn, schema)
-                await self.recover()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning(
-                    "database not available yet; retrying",
-                    extra={"event": "bootstrap", "detail": repr(exc)},
-                )
-                await asyncio.sleep(retry_every)
-                continue
-            self.ready = True
-            log.info("database ready", extra={"event": "bootstrap"})
-            return
+    def task_done(self) -> bool:
+        return self.task is None or self.task.done()
 
     async def close(self) -> None:
         """Cancel the active run (rolled back, status cancelled) and wait for it."""
         if self.task is not None and not self.task.done():
             self.task.cancel()
             await asyncio.gather(self.task, return_exceptions=True)
+
+
+class RunLife:
+    """One run, from ``running`` to the one write of how it ended."""
+
+    def __init__(
+        self, runner: Runner, run_id: int, pipeline: Pipeline, request: RunRequest
+    ) -> None:
+        self.runner = runner
+        self.store = runner.store
+        self.run_id = run_id
+        self.pipeline = pipeline
+        self.request = request
+        self.ending = Ending()
+        self.stats: RunStats | None = None
+        self.reporting = True
+
+    async def execute(self, lock_conn: Connection) -> dict[str, Any]:
+        started = time.monotonic()
+        try:
+            await self._attempt()
+        finally:
+            # One shielded step: a second cancellation cannot skip releasing the run's
+            # lock connection or recording how the run ended.
+            await asyncio.shield(self._wrap_up(lock_conn, started))
+        return await self.runner.get(self.run_id)
+
+    async def _attempt(self) -> None:
+        run_id, pipeline, ending = self.run_id, self.pipeline, self.ending
+        reporter = asyncio.create_task(self._report_progress())
+        try:
+            await self.store.start(run_id)
+            log.info("run started", extra={"run_id": run_id, "event": "start"})
+
+            async def finalize(conn: Connection, done: RunStats) -> None:
+                success = Ending(
+                    "succeeded",
+                    errors=_errors(pipeline),
+                    total=pipeline.errors.total,
+                    stats=done.to_json(),
+                    progress=pipeline.progress.to_json(),
+                )
+                await self.store.finish_in_swap(conn, run_id, success)
+
+            self.stats = await pipeline.run(finalize)
+            ending.status = "succeeded"
+        except InputError as exc:
+            ending.errors = [e.to_dict() for e in exc.errors]
+            ending.total, ending.message = exc.total, str(exc)
+        except asyncio.CancelledError:
+            ending.status, ending.message = "cancelled", CANCELLED
+        except Exception as exc:
+            workers = self.runner.executor
+            fault: str | None
+            if isinstance(exc, BrokenProcessPool) and isinstance(workers, WorkerPool):
+                fault = await asyncio.to_thread(workers.death)
+            else:
+                fault = describe(exc, self.runner.settings, pipeline)
+            if fault is None:  # no known operational fault: a bug, traceback and all
+                ending.message = f"{type(exc).__name__}: {exc}"
+                log.exception("run failed", extra={"run_id": run_id, "event": "error"})
+            else:
+                ending.message = fault
+                log.error("run failed: %s", fault, extra={"run_id": run_id, "event": "error"})
+                log.debug("run failed", exc_info=True, extra={"run_id": run_id})
+        finally:
+            # Asked twice: a cancellation that lands as a database call times out can be
+            # lost (asyncio.wait_for in 3.11), and the reporter must not outlive the run.
+            self.reporting = False
+            reporter.cancel()
+            await asyncio.wait({reporter}, timeout=self.runner.settings.db_timeout + 1)
+
+    async def _wrap_up(self, lock_conn: Connection, started: float) -> None:
+        ending, runner = self.ending, self.runner
+        if ending.status != "succeeded":
+            ending.progress = self.pipeline.progress.to_json()
+            # The guarded write: a run whose swap committed stays succeeded, whatever came
+            # after (a cancellation while the replaced tables were dropped, say).
+            recorded = await self.store.finish(self.run_id, ending)
+            if recorded == "succeeded":
+                ending.status, ending.message = "succeeded", None
+            elif recorded is not None:
+                ending.status = recorded
+        await self.store.unlock(lock_conn, self.run_id)
+        if self.request.cleanup is not None:
+            await asyncio.to_thread(self.request.cleanup)
+        workers = runner.executor
+        if isinstance(workers, WorkerPool) and workers.needs_repair:
+            await asyncio.to_thread(workers.heal)  # for the next run
+        if runner.on_finish is not None:
+            runner.on_finish(ending.status, self.pipeline, self.stats, time.monotonic() - started)
+        if runner.pipeline is self.pipeline:  # the next run may have started meanwhile
+            runner.pipeline = None
+        log.info(
+            "run finished",
+            extra={
+                "run_id": self.run_id,
+                "event": "finish",
+                "status": ending.status,
+                "detail": ending.message,
+            },
+        )
+
+    async def _report_progress(self) -> None:
+        """Mirror live progress into the run row for other processes' readers."""
+        last: dict[str, Any] = {}
+        while self.reporting:
+            await asyncio.sleep(PROGRESS_INTERVAL)
+            current = self.pipeline.progress.to_json()
+            if current != last:
+                try:
+                    await self.store.set_progress(self.run_id, current)
+                except DATABASE_ERRORS:
+                    log.warning("progress not recorded", extra={"run_id": self.run_id})
+                last = current
 
 
 def _errors(pipeline: Pipeline) -> list[dict[str, Any]]:
@@ -383,12 +346,13 @@ async def run_once(
 ) -> dict[str, Any]:
     """Open the database, run the ETL on ``source_dir`` to the end; the finished run."""
     from .db.database import open_pool
-    from .etl import executor_for
+    from .recovery import recover
+    from .workers import executor_for
 
     async with open_pool(settings) as pool:
         with executor_for(settings) as executor:
             runner = Runner(pool, executor, settings)
-            await runner.recover()
+            await recover(runner.store, settings)
             return await runner.run_to_end(directory_request(source_dir, options))
 
 

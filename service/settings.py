@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from collections.abc import Mapping
@@ -26,6 +27,7 @@ ENV_VARS: dict[str, str] = {
     "ETL_EMBEDDED_DIR": "data directory of the embedded PostgreSQL",
     "ETL_WORKERS": "worker processes for parsing and aggregating (default: CPU count)",
     "ETL_DB_SCHEMA": "PostgreSQL schema holding the tables (default: the server's search_path)",
+    "ETL_DB_TIMEOUT": "seconds a database call may go without an answer (default 60)",
 }
 
 
@@ -51,6 +53,8 @@ class Settings:
     chunk_bytes: int = 8 * 1024 * 1024
     upload_timeout: float = 300.0
     lock_timeout: float = 5.0
+    db_timeout: float = 60.0  # a statement, or a COPY without progress, fails after this
+    reap_interval: float = 30.0  # how often a server looks for runs of dead replicas
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -70,6 +74,18 @@ class Settings:
             except ValueError:
                 raise ValueError(f"{name} must be an integer, got {raw!r}") from None
 
+        def get_float(name: str, default: float) -> float:
+            raw = get(name)
+            if raw is None:
+                return default
+            try:
+                value = float(raw)
+            except ValueError:
+                value = math.nan
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a positive number of seconds, got {raw!r}")
+            return value
+
         return cls(
             database_url=get("DATABASE_URL"),
             data_dir=Path(get("ETL_DATA_DIR") or base.data_dir),
@@ -82,6 +98,7 @@ class Settings:
             embedded_dir=Path(get("ETL_EMBEDDED_DIR") or base.embedded_dir),
             workers=max(1, get_int("ETL_WORKERS", base.workers)),
             db_schema=get("ETL_DB_SCHEMA"),
+            db_timeout=get_float("ETL_DB_TIMEOUT", base.db_timeout),
         )
 
     def with_overrides(self, **changes: object) -> Settings:

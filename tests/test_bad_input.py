@@ -238,8 +238,8 @@ FAILURES: list[tuple[str, Callable[[Path], None], dict[str, Any]]] = [
     ),
     (
         "duplicate_user_id_names_the_later_line",
-        change(USERS, b"\n9,\tIvan", b"\n2,\tIvan"),
-        err(USERS, 11, 1, "duplicate user_id 2 (first on line 4)", "user_id"),
+        change(USERS, b"\n10,\tJudy", b"\n2,\tBobby,\tb@x.org,\t2024-01-01\n10,\tJudy"),
+        err(USERS, 12, 1, "duplicate user_id 2 (first on line 4)", "user_id"),
     ),
     (
         "duplicate_compound_id_names_the_later_line",

@@ -23,6 +23,7 @@ from service.pipeline import spill
 from service.pipeline.csvfile import EXPERIMENTS, plan_file, split_ranges
 from service.pipeline.tasks import run_task
 from service.settings import Settings
+from service.workers import executor_for
 
 
 @pytest.fixture
@@ -89,7 +90,7 @@ async def test_cancelled_run_leaves_no_temporary_files(
     monkeypatch.setattr(etl, "RANGE_BYTES", 256 << 10)
     forced = dataclasses.replace(settings, partitions=32, workers=2, chunk_bytes=64 << 10)
     async with open_pool(forced) as pool:
-        with etl.executor_for(forced) as executor:
+        with executor_for(forced) as executor:
             runner = Runner(pool, executor, forced)
             run = await runner.submit(directory_request(directory))
             while runner.pipeline is None or runner.pipeline.progress.phase != phase:

@@ -41,7 +41,11 @@ Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 
 class Proxy:
-    """A TCP forwarder to the test database that a test can cut and restore."""
+    """A TCP forwarder to the test database that a test can cut, freeze and restore.
+
+    ``freeze`` makes the open connections stop forwarding without closing them (no FIN,
+    no RST: a network fault, or a failover behind a virtual IP); new connections work.
+    """
 
     def __init__(self, database_url: str) -> None:
         self.target = urlsplit(database_url)
@@ -58,6 +62,7 @@ class Proxy:
         self.server: asyncio.Server | None = None
         self.writers: set[asyncio.StreamWriter] = set()
         self.tasks: set[asyncio.Task[None]] = set()
+        self.flows: dict[asyncio.StreamWriter, Flow] = {}
 
     @property
     def url(self) -> str:
@@ -76,6 +81,8 @@ class Proxy:
         self.server.close()
         for writer in list(self.writers):
             writer.transport.abort()
+        for flow in self.flows.values():
+            flow.cut()
         await self.server.wait_closed()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         self.server = None
@@ -91,18 +98,50 @@ class Proxy:
             writer.transport.abort()
             return
         self.writers.add(up_writer)
+        flow = self.flows[writer] = Flow()
         try:
-            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+            await asyncio.gather(_pipe(reader, up_writer, flow), _pipe(up_reader, writer, flow))
         finally:
             for each in (writer, up_writer):
                 each.transport.abort()
                 self.writers.discard(each)
+            self.flows.pop(writer, None)
             self.tasks.discard(task)  # type: ignore[arg-type]
 
+    def freeze(self) -> int:
+        """Stop forwarding on every open connection; how many were frozen."""
+        for flow in self.flows.values():
+            flow.gate.clear()
+        return len(self.flows)
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def reset_frozen(self) -> None:
+        """Cut the frozen connections at last (the RST that finally arrives): what they
+        held back is lost, as it would be on the wire."""
+        for writer, flow in list(self.flows.items()):
+            if not flow.gate.is_set():
+                writer.transport.abort()
+                flow.cut()
+
+
+class Flow:
+    """Whether one forwarded connection passes bytes (``gate`` set) or was cut."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.open = True
+
+    def cut(self) -> None:
+        self.open = False
+        self.gate.set()
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, flow: Flow) -> None:
     try:
         while data := await reader.read(65536):
+            await flow.gate.wait()
+            if not flow.open:
+                break
             writer.write(data)
             await writer.drain()
     except OSError:
@@ -193,21 +232,60 @@ async def test_start_up_marks_runs_of_a_dead_process_failed(
     assert "stopped unexpectedly" in run["message"]
 
 
+def start_server(port: int, env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    """``experiment-etl serve`` on ``port`` in a subprocess, its output in ``log_path``."""
+    return start_process(["service", "serve", "--port", str(port)], env, log_path)
+
+
+def server_env(settings: Settings, data_dir: Path, **extra: str) -> dict[str, str]:
+    """The environment of an ``experiment-etl serve`` subprocess on the test's database."""
+    return {
+        **os.environ,
+        "DATABASE_URL": settings.database_url or "",
+        "ETL_DB_SCHEMA": settings.db_schema or "",
+        "ETL_DATA_DIR": str(data_dir),
+        "ETL_TMP_DIR": str(settings.tmp_dir),
+        "ETL_WORKERS": "1",
+        "ETL_API_TOKEN": "",
+        **extra,
+    }
+
+
+async def until_ready(
+    client: aiohttp.ClientSession, process: subprocess.Popen[bytes], log_path: Path
+) -> None:
+    """Wait for a server subprocess to answer ``/readyz`` with 200."""
+    for _ in range(300):
+        assert process.poll() is None, log_tail(log_path)
+        try:
+            if await status_of(client, "/readyz") == 200:
+                return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.05)
+    raise AssertionError("the server never became ready\n" + log_tail(log_path))
+
+
+def log_tail(log_path: Path) -> str:
+    return log_path.read_text()[-4000:]
+
+
+def worker_processes(server_pid: int) -> list[psutil.Process]:
+    """A server's pool workers (its spawned children, not the resource tracker)."""
+    return [
+        child
+        for child in psutil.Process(server_pid).children()
+        if any("spawn_main" in part for part in child.cmdline())
+    ]
+
+
 async def serve_a_running_run(
     settings: Settings, big_dataset: Path, log_path: Path
 ) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
     """``experiment-etl serve`` in a subprocess with a long run going; the process and run."""
     port = free_port()
-    env = {
-        **os.environ,
-        "DATABASE_URL": settings.database_url or "",
-        "ETL_DB_SCHEMA": settings.db_schema or "",
-        "ETL_DATA_DIR": str(big_dataset),
-        "ETL_TMP_DIR": str(settings.tmp_dir),
-        "ETL_WORKERS": "2",
-        "ETL_API_TOKEN": "",
-    }
-    process = start_process(["service", "serve", "--port", str(port)], env, log_path)
+    env = server_env(settings, big_dataset, ETL_WORKERS="2")
+    process = start_server(port, env, log_path)
     try:
         async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as client:
             await until_healthy(client, process)

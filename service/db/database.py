@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, TypeAlias
@@ -17,6 +18,8 @@ from .embedded import start_embedded
 Pool: TypeAlias = "asyncpg.Pool[asyncpg.Record]"
 Connection: TypeAlias = "PoolConnectionProxy[asyncpg.Record]"
 
+log = logging.getLogger(__name__)
+
 
 async def resolve_url(settings: Settings) -> str:
     if settings.database_url:
@@ -26,13 +29,41 @@ async def resolve_url(settings: Settings) -> str:
 
 # A database that does not answer must fail requests fast, not after asyncpg's 60 s.
 CONNECT_TIMEOUT = 5.0
+# The server probes an idle client after 30 s, every 10 s, 3 times: a backend whose client
+# vanished (half-open connection) ends within ~60 s and frees its locks. Ignored on Unix
+# sockets. (asyncpg has no client-side keepalive option; every call is bounded instead.)
+SERVER_KEEPALIVES = {
+    "tcp_keepalives_idle": "30",
+    "tcp_keepalives_interval": "10",
+    "tcp_keepalives_count": "3",
+}
 
 
 def connect_kwargs(settings: Settings) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"command_timeout": None, "timeout": CONNECT_TIMEOUT}
+    """Every call bounded: connecting, and each statement (``settings.db_timeout``)."""
+    server_settings = dict(SERVER_KEEPALIVES)
     if settings.db_schema:
-        kwargs["server_settings"] = {"search_path": settings.db_schema}
-    return kwargs
+        server_settings["search_path"] = settings.db_schema
+    return {
+        "command_timeout": settings.db_timeout,
+        "timeout": min(CONNECT_TIMEOUT, settings.db_timeout),
+        "server_settings": server_settings,
+    }
+
+
+async def terminate_backends(pool: Pool, pids: list[int]) -> None:
+    """End the server backends of connections that stopped answering, over a fresh one.
+
+    Such a backend lives on (holding its locks: a run lock, a staging table) until its
+    TCP keepalives fail; ending it lets the next run proceed at once.
+    """
+    if not pids:
+        return
+    try:
+        async with pool.acquire(timeout=CONNECT_TIMEOUT) as conn:
+            await conn.fetchval(sql.TERMINATE_BACKENDS, pids)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        log.warning("could not end dead connections' backends %s: %r", pids, exc)
 
 
 def quote_ident(name: str) -> str:

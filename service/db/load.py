@@ -17,13 +17,23 @@ from typing import Any
 import asyncpg
 
 from . import sql
-from .database import Connection, Pool
+from .database import Connection, Pool, terminate_backends
 
 log = logging.getLogger(__name__)
 
 _DONE = object()
 SWAP_ATTEMPTS = 5
 CLEANUP_TIMEOUT = 10.0  # seconds to get a connection and locks for dropping staging tables
+# asyncpg bounds a COPY as a whole; a long run's COPY lasts as long as its aggregation, so
+# it is watched for progress instead (see ``TableStream.put`` and ``StagedLoad.finish``).
+COPY_DEADLINE = 7 * 24 * 3600.0
+
+
+class DatabaseStalled(TimeoutError):
+    """The database took no data and sent no answer for the configured bound."""
+
+    def __init__(self, timeout: float, what: str) -> None:
+        super().__init__(f"database stopped answering: no progress for {timeout:g} s ({what})")
 
 
 class SwapBlocked(Exception):
@@ -33,9 +43,10 @@ class SwapBlocked(Exception):
 class TableStream:
     """A queue of record batches feeding one COPY into one staging table."""
 
-    def __init__(self, conn: Connection, table: str) -> None:
+    def __init__(self, conn: Connection, table: str, timeout: float) -> None:
         self.conn = conn
         self.table = table
+        self.timeout = timeout
         self.queue: asyncio.Queue[object] = asyncio.Queue(maxsize=4)
         self.rows = 0
         self.task: asyncio.Task[None] | None = None
@@ -52,14 +63,24 @@ class TableStream:
             sql.staging(self.table),
             records=self._records(),
             columns=list(sql.RESULT_TABLES[self.table]),
+            timeout=COPY_DEADLINE,
         )
         await self.conn.execute(sql.index_staging(self.table))
 
     async def put(self, batch: object) -> None:
-        """Queue a batch, unless the COPY already died (then raise its error)."""
+        """Queue a batch, unless the COPY already died (then raise its error).
+
+        A full queue that takes nothing for ``timeout`` seconds means the database stopped
+        reading the COPY.
+        """
         assert self.task is not None
         put = asyncio.ensure_future(self.queue.put(batch))
-        done, _ = await asyncio.wait({put, self.task}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(
+            {put, self.task}, timeout=self.timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+        if not done:
+            put.cancel()
+            raise DatabaseStalled(self.timeout, f"COPY into {self.table}")
         if self.task in done and put not in done:
             put.cancel()
             self.task.result()
@@ -72,8 +93,9 @@ class TableStream:
 class StagedLoad:
     """Staging tables filled over three connections; ``commit`` swaps them in."""
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: Pool, timeout: float = 60.0) -> None:
         self.pool = pool
+        self.timeout = timeout  # no progress for this long: the database stopped answering
         self.streams: dict[str, TableStream] = {}
         self._conns: list[Connection] = []
 
@@ -83,7 +105,7 @@ class StagedLoad:
                 conn: Connection = await self.pool.acquire()
                 self._conns.append(conn)
                 await conn.execute(sql.create_staging(table))
-                stream = TableStream(conn, table)
+                stream = TableStream(conn, table, self.timeout)
                 stream.task = asyncio.create_task(stream.run(), name=f"copy-{table}")
                 self.streams[table] = stream
         except BaseException as exc:
@@ -100,7 +122,15 @@ class StagedLoad:
         """Close the streams and wait for every COPY and index; rows loaded per table."""
         for stream in self.streams.values():
             await stream.put_done()
-        await asyncio.gather(*(s.task for s in self.streams.values() if s.task))
+        pending = {s.task for s in self.streams.values() if s.task}
+        while pending:
+            done, pending = await asyncio.wait(
+                pending, timeout=self.timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+            if not done:
+                raise DatabaseStalled(self.timeout, "finishing the COPY")
+            for task in done:
+                task.result()
         return {table: s.rows for table, s in self.streams.items()}
 
     async def commit(
@@ -145,13 +175,23 @@ class StagedLoad:
         except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
             log.warning("replaced result tables left for the next run to drop: %s", exc)
 
-    async def _abort(self) -> None:
+    async def _abort(self, stalled: bool) -> None:
         for stream in self.streams.values():
             if stream.task is not None and not stream.task.done():
                 stream.task.cancel()
         for stream in self.streams.values():
             if stream.task is not None:
                 await asyncio.gather(stream.task, return_exceptions=True)
+        if stalled:
+            # Connections that stopped answering are of no use, here or in the pool: end
+            # them and their backends (which hold the staging tables' locks).
+            pids = [conn.get_server_pid() for conn in self._conns]
+            for conn in self._conns:
+                _terminate(conn)
+            await self.pool.expire_connections()
+            await terminate_backends(self.pool, pids)
+            await self._drop_over_new_connection(list(sql.RESULT_TABLES)[: len(self._conns)])
+            return
         orphaned: list[str] = []
         for conn, table in zip(self._conns, sql.RESULT_TABLES, strict=False):
             try:
@@ -180,7 +220,8 @@ class StagedLoad:
     async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
         try:
             if exc_type is not None:
-                await asyncio.shield(self._abort())
+                stalled = isinstance(exc, TimeoutError)
+                await asyncio.shield(self._abort(stalled))
         finally:
             for conn in self._conns:
                 await self.pool.release(conn)

@@ -136,6 +136,7 @@ RETURNING *
 """
 ACTIVE_RUN = "SELECT * FROM etl_runs WHERE status IN ('queued', 'running') ORDER BY id LIMIT 1"
 RUN_BY_ID = "SELECT * FROM etl_runs WHERE id = $1"
+RUN_STATUS = "SELECT status FROM etl_runs WHERE id = $1"
 RUN_BY_KEY = "SELECT * FROM etl_runs WHERE idempotency_key = $1"
 LIST_RUNS = """
 SELECT * FROM etl_runs WHERE ($1::text IS NULL OR status = $1) ORDER BY id DESC LIMIT $2
@@ -144,17 +145,24 @@ START_RUN = """
 UPDATE etl_runs SET status = 'running', started_at = now() WHERE id = $1 AND status = 'queued'
 """
 SET_PROGRESS = "UPDATE etl_runs SET progress = $2::jsonb WHERE id = $1"
+# The one write of a run's final status. Guarded: a status once final never changes, so
+# nothing after the swap's COMMIT (which wrote 'succeeded') can overwrite it. No row back
+# means the run had already ended; RUN_BY_ID then says how.
 FINISH_RUN = """
 UPDATE etl_runs
-SET status = $2, finished_at = now(), progress = $3::jsonb, stats = $4::jsonb,
-    errors = $5::jsonb, error_total = $6, message = $7
-WHERE id = $1
+SET status = $2, finished_at = now(), progress = coalesce($3::jsonb, progress),
+    stats = $4::jsonb, errors = $5::jsonb, error_total = $6, message = $7
+WHERE id = $1 AND status IN ('queued', 'running')
+RETURNING status
 """
 # Runs left active by a process that died: nobody holds their run lock any more.
 ORPHANED_RUNS = "SELECT id FROM etl_runs WHERE status IN ('queued', 'running')"
-FAIL_ORPHAN = """
-UPDATE etl_runs SET status = 'failed', finished_at = now(), message = $2
-WHERE id = $1 AND status IN ('queued', 'running')
+# Held while dropping what a dead run left: no run can start meanwhile (its INSERT waits).
+LOCK_RUNS = "LOCK TABLE etl_runs IN SHARE MODE"
+# Backends of connections that stopped answering: ending them frees their locks.
+TERMINATE_BACKENDS = """
+SELECT count(*) FILTER (WHERE pg_terminate_backend(pid))
+FROM unnest($1::int[]) AS pid WHERE pid <> pg_backend_pid()
 """
 LAST_SUCCESS = """
 SELECT * FROM etl_runs WHERE status = 'succeeded' ORDER BY finished_at DESC LIMIT 1

@@ -16,9 +16,10 @@ from aiohttp.typedefs import Middleware
 
 from ..db import sql
 from ..db.database import open_pool
-from ..etl import make_executor
 from ..jobs import Runner
+from ..recovery import bootstrap, reap_forever
 from ..settings import Settings
+from ..workers import WorkerPool
 from .auth import bearer_auth
 from .errors import problem_middleware
 from .handlers import routes
@@ -57,7 +58,7 @@ async def database(app: web.Application) -> AsyncIterator[None]:
 
 
 async def executor(app: web.Application) -> AsyncIterator[None]:
-    app[EXECUTOR] = await asyncio.to_thread(make_executor, app[SETTINGS].workers)
+    app[EXECUTOR] = await asyncio.to_thread(WorkerPool, app[SETTINGS].workers)
     yield
     await asyncio.to_thread(app[EXECUTOR].shutdown, wait=True, cancel_futures=True)
 
@@ -68,18 +69,24 @@ async def runner(app: web.Application) -> AsyncIterator[None]:
     app[RUNNER] = job_runner
     # Schema and crash recovery wait for the database in the background; until then
     # POST /runs and /readyz answer 503.
-    bootstrap = asyncio.create_task(start_runner(app), name="bootstrap")
+    starting = asyncio.create_task(start_runner(app), name="bootstrap")
+    # Runs of replicas that died are marked failed while this one lives, not only at
+    # the next start of one.
+    reaper = asyncio.create_task(
+        reap_forever(job_runner, app[SETTINGS].reap_interval), name="reaper"
+    )
     # A database that answers makes the server ready before it accepts requests.
-    await asyncio.wait({bootstrap}, timeout=STARTUP_WAIT)
+    await asyncio.wait({starting}, timeout=STARTUP_WAIT)
     yield
-    bootstrap.cancel()
-    await asyncio.gather(bootstrap, return_exceptions=True)
+    for task in (starting, reaper):
+        task.cancel()
+    await asyncio.gather(starting, reaper, return_exceptions=True)
     log.info("stopping: the active run, if any, is cancelled", extra={"event": "stop"})
     await job_runner.close()
 
 
 async def start_runner(app: web.Application) -> None:
-    await app[RUNNER].bootstrap(app[SETTINGS].db_schema)
+    await bootstrap(app[RUNNER])
     last = await app[POOL].fetchrow(sql.LAST_SUCCESS)
     if last is not None:
         app[METRICS].last_success.set(last["finished_at"].timestamp())

@@ -20,6 +20,7 @@ from ..jobs import (
     RunConflict,
     RunNotActive,
     RunNotFound,
+    WorkersUnavailable,
 )
 from .keys import RUN_ID
 
@@ -107,6 +108,14 @@ def from_domain(exc: Exception) -> Problem | None:
                 title="Database unavailable",
                 kind="database-unavailable",
                 headers={"Retry-After": "5"},
+            )
+        case WorkersUnavailable():
+            return Problem(
+                503,
+                str(exc),
+                title="Worker processes unavailable",
+                kind="workers-unavailable",
+                headers={"Retry-After": "30"},
             )
         case IdempotencyMismatch():
             return Problem(

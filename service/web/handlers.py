@@ -14,10 +14,10 @@ import asyncpg
 from aiohttp import web
 
 from ..db import sql
-from ..jobs import ACTIVE
+from ..runstore import ACTIVE
 from . import intake
 from .errors import Problem
-from .keys import METRICS, POOL, RUN_ID, RUNNER, SETTINGS
+from .keys import EXECUTOR, METRICS, POOL, RUN_ID, RUNNER, SETTINGS
 from .metrics import CONTENT_TYPE
 from .openapi import DOCUMENT
 
@@ -85,7 +85,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 @routes.get("/readyz", allow_head=False)
 async def readyz(request: web.Request) -> web.Response:
-    """Ready: the database answers and the schema is in place, within a second."""
+    """Ready: the database answers, the schema is in place and worker processes run."""
     try:
         async with asyncio.timeout(READY_TIMEOUT), request.app[POOL].acquire() as conn:
             ready = await conn.fetchval(sql.SCHEMA_READY)
@@ -96,6 +96,9 @@ async def readyz(request: web.Request) -> web.Response:
         ) from None
     if not ready:
         raise Problem(503, "database schema missing", headers={"Retry-After": "5"})
+    workers = request.app[EXECUTOR]
+    if not workers.healthy:
+        raise Problem(503, workers.problem or "no worker processes", headers={"Retry-After": "30"})
     return web.json_response({"status": "ready"})
 
 

@@ -11,10 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import shutil
-import tempfile
 from collections.abc import Mapping
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +22,7 @@ from aiohttp.http_exceptions import InvalidHeader
 from ..etl import RunOptions
 from ..jobs import RunRequest
 from ..pipeline.csvfile import SPECS
+from ..scratch import ScratchDir
 from ..settings import Settings
 from .errors import Problem
 
@@ -152,8 +150,8 @@ async def _json_fields(request: web.Request) -> dict[str, Any]:
 
 
 async def _upload(request: web.Request, settings: Settings, key: str | None) -> RunRequest:
-    directory = Path(tempfile.mkdtemp(prefix="etl-upload-", dir=settings.tmp_dir))
-    cleanup = partial(shutil.rmtree, directory, True)
+    scratch = ScratchDir("etl-upload-", settings.tmp_dir)
+    directory, cleanup = scratch.path, scratch.remove
     try:
         try:
             reader = await request.multipart()

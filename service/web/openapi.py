@@ -346,11 +346,15 @@ PATHS: dict[str, Any] = {
     },
     "/readyz": {
         "get": {
-            "summary": "Readiness: the database answers and has the schema, within 1 s",
+            "summary": "Readiness: the database answers and has the schema, within 1 s, and"
+            " worker processes run",
             "security": [],
             "responses": {
                 "200": _json(_ref("Status"), "Ready."),
-                "503": _problem("Database unreachable or schema missing."),
+                "503": _problem(
+                    "Database unreachable, schema missing, or worker processes could not be"
+                    " restarted."
+                ),
             },
         }
     },
