@@ -155,7 +155,7 @@ class Pipeline:
         self._in_flight: set[Future[Any]] = set()
 
     async def _call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        future = self.executor.submit(partial(run_task, partial(fn, *args, **kwargs)))
+        future = self.executor.submit(partial(run_task, partial(fn, *args, **kwargs), self._stop))
         self._in_flight.add(future)
         future.add_done_callback(self._in_flight.discard)
         return await asyncio.wrap_future(future)
