@@ -179,7 +179,7 @@ class Pipeline:
     async def _run(self, workdir: Path, started: float, finalize: Finalize) -> RunStats:
         self.progress.phase = "reading"
         plan = await asyncio.to_thread(plan_inputs, self.source, self.settings.chunk_bytes)
-        self.errors = ErrorLog(order=plan.rank)
+        self.errors = ErrorLog(order=plan.order)
         self.progress.bytes_total = plan.total_bytes
         partitions = self.settings.partitions or _round_up(
             math.ceil(plan.experiments.size / PARTITION_BYTES), self.settings.workers
@@ -432,7 +432,8 @@ def _slices(extents: Sequence[Extent], size: int) -> list[list[Extent]]:
     if not runs[-1]:
         runs.pop()
     if len(runs) > 1 and sum(e.size for e in runs[-1]) < size // 2:
-        runs[-2] += runs.pop()
+        last = runs.pop()
+        runs[-1] += last
     return runs or [[]]
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .csvfile import FilePlan
-from .errors import ErrorLog, RowError
+from .errors import ErrorLog, FileOrder, RowError
 from .features import (
     AverageRow,
     CountRow,
@@ -112,6 +112,10 @@ class PartitionJob:
     users_plan: FilePlan
     experiments_plan: FilePlan
     rejected: frozenset[int] = frozenset()  # experiment lines already rejected
+
+    def error_log(self) -> ErrorLog:
+        """Users' errors before the experiments', as the run reports them."""
+        return ErrorLog(order=FileOrder((self.users_plan.name, self.experiments_plan.name)))
 
 
 @dataclass
@@ -227,7 +231,7 @@ def _users(job: PartitionJob, checked: Checked | None) -> dict[int, str]:
 
 def aggregate_partition(job: PartitionJob) -> PartitionResult:
     """Check one whole user partition and compute its result rows."""
-    result = PartitionResult()
+    result = PartitionResult(log=job.error_log())
     names = _users(job, result)
     groups = _Groups(job, names, result)
     result.rows = _rows(
@@ -239,7 +243,7 @@ def aggregate_partition(job: PartitionJob) -> PartitionResult:
 
 def aggregate_slice(job: PartitionJob) -> SliceResult:
     """Check a slice of a user partition's experiments into an exact partial state."""
-    result = SliceResult()
+    result = SliceResult(log=job.error_log())
     names = _users(job, None)  # the merge reports the users' own errors, once
     groups = _Groups(job, names, result)
     for key, n, times, tally in zip(
@@ -253,15 +257,15 @@ def aggregate_slice(job: PartitionJob) -> SliceResult:
 
 def merge_slices(job: PartitionJob, slices: Sequence[SliceResult]) -> PartitionResult:
     """The result rows of a split partition from its slices' partial states."""
-    result = PartitionResult()
+    result = PartitionResult(log=job.error_log())
     names = _users(job, result)
     merged: dict[str, tuple[int, list[float], dict[str, int]]] = {}
     for part in slices:
         result.log.extend(part.log.errors, part.log.total)
         result.rejected += part.rejected
         for key, (n, parts, tally) in part.state.items():
-            if key not in merged:
-                merged[key] = (n, parts, tally)
+            if key not in merged:  # copied: the slices' own states stay as they came
+                merged[key] = (n, list(parts), dict(tally))
                 continue
             total_n, all_parts, all_tally = merged[key]
             for compound, count in tally.items():
@@ -286,13 +290,17 @@ def exact_parts(values: Iterable[float]) -> list[float]:
 
     ``fsum`` rounds the exact sum once; what it rounded off is again an exact sum of
     floats, taken the same way until nothing is left. ``fsum`` of the parts, of parts
-    of several slices together, is then exactly ``fsum`` of all the values.
+    of several slices together, is then exactly ``fsum`` of all the values. Where the
+    sum is past the float range (run times near 1e308), the values stand for themselves.
     """
     items = list(values)
     parts: list[float] = []
-    while (total := math.fsum(items)) != 0.0:
-        parts.append(total)
-        items.append(-total)
+    try:
+        while (total := math.fsum(items)) != 0.0:
+            parts.append(total)
+            items.append(-total)
+    except OverflowError:  # a sum past the float range: the values are their own parts
+        return items[: len(items) - len(parts)]
     return parts
 
 

@@ -37,8 +37,15 @@ class RowError:
         return asdict(self)
 
 
-def _by_line(error: RowError) -> tuple[int, int, int]:
-    return 0, error.line or 0, error.column or 0
+@dataclass(frozen=True)
+class FileOrder:
+    """Errors file by file, in the order of ``files``, then by line and column."""
+
+    files: tuple[str, ...] = ()
+
+    def __call__(self, error: RowError) -> tuple[int, int, int]:
+        rank = self.files.index(error.file) if error.file in self.files else len(self.files)
+        return rank, error.line or 0, error.column or 0
 
 
 class FileError(Exception):
@@ -59,10 +66,10 @@ class ErrorLog:
     def __init__(
         self,
         keep: int = MAX_REPORTED_ERRORS,
-        order: Callable[[RowError], tuple[int, int, int]] | None = None,
+        order: Callable[[RowError], tuple[int, int, int]] = FileOrder(),
     ) -> None:
         self.keep = keep
-        self.order = order or _by_line
+        self.order = order
         self.errors: list[RowError] = []
         self.total = 0
 

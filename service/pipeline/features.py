@@ -29,8 +29,19 @@ def average_run_time(run_times: Iterable[float], count: int) -> float | None:
     """Mean of a user's ``count`` run times (None without experiments).
 
     ``fsum`` rounds exactly, so the mean does not depend on the order the times arrived in.
+    Times whose sum is past the float range (each may be up to ~1.8e308) are summed
+    scaled down by a power of two, which is exact, and the mean scaled back.
     """
-    return math.fsum(run_times) / count if count else None
+    if not count:
+        return None
+    times = list(run_times)
+    try:
+        return math.fsum(times) / count
+    except OverflowError:
+        return math.fsum(t * _SCALE for t in times) / count / _SCALE
+
+
+_SCALE = 2.0**-64
 
 
 def top_compound(counts: Mapping[int, int] | Mapping[str, int]) -> tuple[int, int, int] | None:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .csvfile import COMPOUNDS, EXPERIMENTS, USERS, FilePlan, find_file, plan_file
-from .errors import FileError, InputError, RowError
+from .errors import FileError, FileOrder, InputError, RowError
 
 
 @dataclass(frozen=True)
@@ -15,11 +15,10 @@ class InputPlan:
     experiments: FilePlan
     compounds: FilePlan
 
-    def rank(self, error: RowError) -> tuple[int, int, int]:
+    @property
+    def order(self) -> FileOrder:
         """Errors are reported file by file (compounds, users, experiments), by line."""
-        files = (self.compounds.name, self.users.name, self.experiments.name)
-        rank = files.index(error.file) if error.file in files else len(files)
-        return rank, error.line or 0, error.column or 0
+        return FileOrder((self.compounds.name, self.users.name, self.experiments.name))
 
     @property
     def total_bytes(self) -> int:
