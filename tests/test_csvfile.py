@@ -10,8 +10,8 @@ from service.pipeline.csvfile import (
     COMPOUNDS,
     USERS,
     FilePlan,
-    iter_batches,
     block_batch,
+    iter_batches,
     plan_file,
     raw_blocks,
     split_ranges,
@@ -126,10 +126,10 @@ def test_byte_ranges_cover_every_row_once_with_absolute_line_numbers(tmp_path: P
     assert ranges[0].start == plan.data_offset and ranges[-1].end == plan.size
     seen = []
     for part in ranges:
-        for data, line in raw_blocks(plan.path, plan.name, part.start, part.end, 64, part.first_line):
+        for data, line in raw_blocks(
+            plan.path, plan.name, part.start, part.end, 64, part.first_line
+        ):
             batch = block_batch(plan, data, line)
             seen += [(n, row[0]) for row, n in zip(batch.rows, batch.lines, strict=True) if row]
     assert seen == [(line, fields[0]) for line, fields in rows_of(plan)]
     assert seen[0] == (3, "1")
-
-
