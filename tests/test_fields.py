@@ -42,7 +42,7 @@ def canonical_id(text: str) -> bool:
         return False
 
 
-@settings(max_examples=400)
+@settings(max_examples=400, deadline=None)
 @given(st.lists(ID_TEXT, max_size=6))
 @example([MAX])
 @example([str(BIGINT_MAX + 1)])
@@ -60,7 +60,7 @@ def test_ids_valid_accepts_exactly_columns_of_canonical_ids(column: list[str]) -
 PLAIN_DECIMAL = re.compile(r"[0-9]+\.?[0-9]*|\.[0-9]+")
 
 
-@settings(max_examples=400)
+@settings(max_examples=400, deadline=None)
 @given(st.lists(RUN_TIME_TEXT, max_size=6))
 @example(["9" * TIME_CHARS])
 @example(["9" * (TIME_CHARS + 1)])
@@ -84,7 +84,7 @@ def canonical_list(text: str) -> bool:
     return text == "" or all(canonical_id(t) and len(t) < ID_DIGITS for t in text.split(";"))
 
 
-@settings(max_examples=400)
+@settings(max_examples=400, deadline=None)
 @given(st.lists(COMPOUND_TEXT, max_size=6))
 @example(["1;1", "2;1;2"])
 @example(["", "3"])
@@ -105,7 +105,7 @@ def test_compound_lists_valid_accepts_lists_whose_tally_is_the_rules(column: lis
             assert listed == list(map(str, parse_compound_list(text)))
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(st.lists(ID_TEXT, max_size=6))
 @example(["007", "7"])
 @example([MAX, str(BIGINT_MAX + 1)])
