@@ -2,7 +2,8 @@
 
 Blocks are written from the edge-case alphabets of tests/edgecases.py, in the exports'
 spellings (``,\\t`` or ``,``, CRLF or LF, a final newline or not) with the occasional
-deviation (a blank line, a stray tab or space, a fifth field, a quote). Whenever the
+deviation (a blank line, a field more or one less, a stray tab, space, CR or comma in or
+around a value, a quote). Whenever the
 general reader (``block_batch`` and the per-row rules) finds an error, the fast path must
 say "look closer" (None); when the fast path answers, its tokens are the general
 reader's for the same rows, on the same lines.
@@ -248,9 +249,8 @@ def test_user_block_gives_the_general_readers_rows_or_none(
         return
     if fast is not None:
         assert fast == (ids, names)
-        assert list(where) == list(
-            range(FIRST_LINE, FIRST_LINE + len(ids))
-        )  # numbered as the scan does
+        # The scan numbers the fast path's rows from the block's first line on.
+        assert list(where) == list(range(FIRST_LINE, FIRST_LINE + len(ids)))
 
 
 @settings(max_examples=100, deadline=None)
