@@ -3,10 +3,9 @@
 Blocks are written from the edge-case alphabets of tests/edgecases.py, in the exports'
 spellings (``,\\t`` or ``,``, CRLF or LF, a final newline or not) with the occasional
 deviation (a blank line, a field more or one less, a stray tab, space, CR or comma in or
-around a value, a quote). Whenever the
-general reader (``block_batch`` and the per-row rules) finds an error, the fast path must
-say "look closer" (None); when the fast path answers, its tokens are the general
-reader's for the same rows, on the same lines.
+around a value, a quote). Whenever the general reader (``block_batch`` and the per-row
+rules) finds an error, the fast path must say "look closer" (None); when the fast path
+answers, its tokens are the general reader's for the same rows, on the same lines.
 """
 
 from __future__ import annotations
