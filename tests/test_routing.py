@@ -121,13 +121,15 @@ def test_users_and_their_experiments_meet_in_one_partition(tmp_path: Path) -> No
         whole = ByteRange(plan.data_offset, plan.size, plan.header_line + 1)
         results[kind] = task(plan, whole, tmp_path, kind, partitions, 4096)
         assert results[kind].errors == []
+    placed: list[int] = []
     seen = 0
     for p in range(partitions):
-        here = {u for batch in read_columns(results["users"].spills["users"][p]) for u in batch[0]}
+        here = [u for batch in read_columns(results["users"].spills["users"][p]) for u in batch[0]]
         spilled = read_lines(results["experiments"].spills["by_user"][p])
-        users_here = {int(line.split(",")[0]) for line in spilled}
-        assert users_here <= here, p
+        assert {int(line.split(",")[0]) for line in spilled} <= set(here), p
+        placed += here
         seen += len(spilled)
+    assert sorted(placed) == sorted(uids)  # each user in one partition
     assert seen == len(rows)
 
 
