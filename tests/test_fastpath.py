@@ -1,52 +1,265 @@
+"""The fast paths take a block only when the general reader takes it the same way.
+
+Blocks are written from the edge-case alphabets of tests/edgecases.py, in the exports'
+spellings (``,\\t`` or ``,``, CRLF or LF, a final newline or not) with the occasional
+deviation (a blank line, a field more or one less, a stray tab, space, CR or comma in or
+around a value, a quote). Whenever the general reader (``block_batch`` and the per-row
+rules) finds an error, the fast path must say "look closer" (None); when the fast path
+answers, its tokens are the general reader's for the same rows, on the same lines.
+"""
+
 from __future__ import annotations
 
-from hypothesis import given
+from pathlib import Path
+
+import pytest
+from edgecases import (
+    COMPOUND_TEXT,
+    GOOD_COMPOUNDS,
+    GOOD_ID,
+    GOOD_RUN_TIME,
+    ID_TEXT,
+    RUN_TIME_TEXT,
+)
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from service.pipeline.fastpath import experiment_block, range_text
-from service.pipeline.fields import IdSet
+from service.pipeline import scan
+from service.pipeline.csvfile import (
+    EXPERIMENTS,
+    FIELD_LIMIT,
+    USERS,
+    Batch,
+    FilePlan,
+    TableSpec,
+    block_batch,
+    block_lines,
+    plan_file,
+)
+from service.pipeline.errors import ErrorLog, FileError
+from service.pipeline.fastpath import experiment_block, user_block
+from service.pipeline.fields import FieldError, parse_id
+
+FIRST_LINE = 2  # the line after the header
 
 
-@given(st.integers(0, 10**15), st.integers(0, 40_000))
-def test_range_text_is_the_joined_ids(start: int, count: int) -> None:
-    assert range_text(start, start + count) == ",".join(map(str, range(start, start + count)))
+def header_plan(directory: Path, spec: TableSpec, header: list[str]) -> FilePlan:
+    path = directory / spec.filenames[0]
+    path.write_text(",\t".join(header) + "\n", encoding="utf-8")
+    return plan_file(path, spec)
 
 
-def test_range_text_at_thousand_edges() -> None:
-    for start, stop in [(0, 1), (0, 1000), (1, 2001), (999, 1001), (1000, 2000), (998, 5001)]:
-        assert range_text(start, stop) == ",".join(map(str, range(start, stop)))
+@pytest.fixture(scope="module")
+def experiments_plan(tmp_path_factory: pytest.TempPathFactory) -> FilePlan:
+    return header_plan(tmp_path_factory.mktemp("plan"), EXPERIMENTS, list(EXPERIMENTS.columns))
 
 
-TWEAKS = [None, "gap", "repeat", "longer", "leading zero", "shorter"]
+def parsed(plan: FilePlan, data: bytes) -> Batch | None:
+    """The general reader's rows of a block, or None when it rejects the block whole."""
+    try:
+        return block_batch(plan, data, FIRST_LINE)
+    except FileError:
+        return None
 
 
-@given(st.integers(0, 10**6), st.integers(1, 30), st.sampled_from(TWEAKS), st.integers(0, 29))
-def test_blocks_with_numbered_rows_match_the_plain_rule(
-    start: int, count: int, tweak: str | None, at: int
+def joined_rows(draw: st.DrawFn, rows: list[list[str]]) -> bytes:
+    """Rows in one of the exports' spellings, now and then with a deviation."""
+    sep = draw(st.sampled_from([",\t", ",", "mixed"]))
+    end = draw(st.sampled_from(["\n", "\r\n", "mixed"]))
+    lines = []
+    for fields in rows:
+        if draw(st.integers(0, 19)) == 0:
+            fields = [*fields, draw(st.sampled_from(["", "1", "x"]))]  # a fifth field
+        if draw(st.integers(0, 19)) == 0:
+            fields = fields[:-1]  # a field short
+        if draw(st.integers(0, 14)) == 0:
+            at = draw(st.integers(0, len(fields) - 1))
+            odd = draw(st.sampled_from([" ", "\t", '"', "\t\t", ", ", "\f", "\r"]))
+            cut = draw(st.integers(0, len(fields[at])))  # before, inside or after the value
+            fields[at] = fields[at][:cut] + odd + fields[at][cut:]
+        if draw(st.integers(0, 29)) == 0:
+            i = draw(st.integers(0, len(fields) - 1))
+            fields[i] = f'"{fields[i]}"'  # quoted: the reader unquotes it
+        line = fields[0]
+        for f in fields[1:]:
+            line += (draw(st.sampled_from([",\t", ","])) if sep == "mixed" else sep) + f
+        lines.append(line)
+        if draw(st.integers(0, 29)) == 0:
+            lines.append(draw(st.sampled_from(["", " ", "\t"])))  # a blank line
+    ends = [draw(st.sampled_from(["\n", "\r\n"])) if end == "mixed" else end for _ in lines]
+    text = "".join(line + e for line, e in zip(lines, ends, strict=True))
+    if draw(st.booleans()):
+        text = text[: -len(ends[-1])]  # the file's last block, without a final newline
+    return text.encode()
+
+
+def either(draw: st.DrawFn, good: st.SearchStrategy[str], edge: st.SearchStrategy[str]) -> str:
+    """Mostly a valid value, so that whole blocks are valid often enough."""
+    return draw(edge if draw(st.integers(0, 11)) == 0 else good)
+
+
+@st.composite
+def experiment_rows(draw: st.DrawFn, deviations: bool = True) -> bytes:
+    rows = []
+    for _ in range(draw(st.integers(1, 8))):
+        if deviations:
+            fields = [
+                either(draw, GOOD_ID.map(str), ID_TEXT),
+                either(draw, GOOD_ID.map(str), ID_TEXT),
+                either(draw, GOOD_COMPOUNDS, COMPOUND_TEXT),
+                either(draw, GOOD_RUN_TIME, RUN_TIME_TEXT),
+            ]
+        else:
+            fields = [draw(GOOD_ID.map(str)), draw(GOOD_ID.map(str))]
+            fields += [draw(GOOD_COMPOUNDS), draw(GOOD_RUN_TIME)]
+        rows.append(fields)
+    if not deviations:
+        sep = draw(st.sampled_from([",\t", ","]))
+        end = draw(st.sampled_from(["\n", "\r\n"]))
+        text = "".join(sep.join(fields) + end for fields in rows)
+        return (text if draw(st.booleans()) else text[: -len(end)]).encode()
+    return joined_rows(draw, rows)
+
+
+def unique_in_order(listed: bytes) -> bytes:
+    """A compound list as the rule gives it: each compound once, in order ("1;1" is "1")."""
+    return b";".join(dict.fromkeys(listed.split(b";")))
+
+
+@settings(max_examples=300, deadline=None)
+@given(experiment_rows())
+@example(b"1,\t2,\t1;1,\t5")
+@example(b"1,2,,007\r\n3,4,5;6,.5\n")
+@example(b"1,2,3,4\n\n5,6,7,8\n")  # a blank line: the lines after it would shift
+@example(b"1,2,3,4,\n")  # a trailing delimiter
+@example(b"1,2,3,\n4,5,6,1.2.3\n")  # no run time, two dots
+@example(b"1,2,3;,4\n")
+@example(b'1,2,3,"4"\n')
+@example(b"1,2,3,4\r")
+@example(b"1,2,3\r,4\n")  # a bare CR ends a line for the reader
+@example(b"1,\t2\t3,,4\n")
+@example(b"")
+def test_experiment_block_gives_the_general_readers_rows_or_none(
+    experiments_plan: FilePlan, data: bytes
 ) -> None:
-    """Consecutive ids take a shortcut; any break in the numbering must not fool it."""
-    ids = [str(i) for i in range(start, start + count)]
-    i = at % count
-    if tweak == "gap":
-        ids[i] = str(start + count + 5)
-    elif tweak == "repeat":
-        ids[i] = ids[i - 1]
-    elif tweak == "longer":
-        ids[i] += "0"
-    elif tweak == "leading zero":
-        ids[i] = "0" + ids[i]  # still names the same experiment: valid
-    elif tweak == "shorter" and len(ids[i]) > 1:
-        ids[i] = ids[i][:-1]
-    users = [1 + n % 3 for n in range(count)]
-    data = "\n".join(
-        f"{e},\t{u},\t1;2,\t{n}" for n, (e, u) in enumerate(zip(ids, users, strict=True))
-    ).encode()
-    seen = IdSet()
-    got = experiment_block(data, {"1": 1, "2": 2}, IdSet.of([1, 2, 3]), seen)
-    numbers = [int(e) for e in ids]
-    if len(set(numbers)) == count:
-        assert got == ([f"{u},1;2,{n}" for n, u in enumerate(users)], users)
-        assert all(n in seen for n in numbers) and len(seen) == count
-    else:
-        assert got is None
-        assert len(seen) == 0
+    fast = experiment_block(data)
+    batch = parsed(experiments_plan, data)
+    if batch is None:
+        assert fast is None
+        return
+    log = ErrorLog()
+    (eids, uids, comps, times), lines = scan._experiments_slowly(experiments_plan, batch, log)
+    if log.total:
+        assert fast is None, log.errors
+        return
+    if fast is None:
+        return
+    fast_eids, fast_uids, fast_comps, fast_times = fast
+    assert (fast_eids, fast_uids) == (eids, uids)
+    assert list(map(unique_in_order, fast_comps)) == comps
+    assert list(map(float, fast_times)) == list(map(float, times))
+    # The scan numbers the fast path's rows from the block's first line on.
+    assert scan._line_texts(range(FIRST_LINE, FIRST_LINE + len(fast_eids))) == lines
+
+
+@settings(max_examples=100, deadline=None)
+@given(experiment_rows(deviations=False))
+def test_experiment_block_takes_blocks_in_the_usual_spellings(data: bytes) -> None:
+    """Canonical ids (compound ids below 19 digits), plain decimal times: no closer look."""
+    fast = experiment_block(data)
+    assert fast is not None
+    assert len(fast[0]) == data.count(b"\n") + (not data.endswith(b"\n"))
+
+
+def test_experiment_block_leaves_a_field_over_the_csv_limit_to_the_reader(
+    experiments_plan: FilePlan,
+) -> None:
+    listed = ";".join(map(str, range(FIELD_LIMIT // 5)))
+    assert len(listed) > FIELD_LIMIT
+    data = f"1,\t2,\t{listed},\t5\n".encode()
+    assert experiment_block(data) is None
+    with pytest.raises(FileError, match="field longer than"):
+        block_batch(experiments_plan, data, FIRST_LINE)
+    fits = ";".join(map(str, range(FIELD_LIMIT // 7)))
+    assert len(fits) <= FIELD_LIMIT
+    taken = experiment_block(f"1,\t2,\t{fits},\t5\n".encode() * 2)
+    assert taken is not None and taken[2] == [fits.encode()] * 2
+
+
+USER_HEADERS = [
+    ["user_id", "name", "email", "signup_date"],
+    ["name", "email", "User_ID", "signup_date", "team"],  # any order, an extra column
+]
+NAME = st.text(" abcXYZé-.\t\u3000\x0c\x85", max_size=8)
+
+
+@pytest.fixture(scope="module", params=USER_HEADERS, ids=["usual", "reordered"])
+def users_header(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> tuple[FilePlan, list[str]]:
+    header: list[str] = request.param
+    return header_plan(tmp_path_factory.mktemp("plan"), USERS, header), header
+
+
+@st.composite
+def user_rows(draw: st.DrawFn, header: list[str], deviations: bool = True) -> bytes:
+    """Rows without quotes: a file with a quote is never split, so never takes this path.
+    Without deviations: blanks around ids, leading zeros ("007" is user 7), CRLF."""
+    emails = ["a@x.org", "", " b@y.org\t"]
+    rows = []
+    for _ in range(draw(st.integers(1, 8))):
+        if deviations:
+            uid = either(draw, GOOD_ID.map(str), ID_TEXT)
+        else:
+            uid = draw(st.sampled_from(["", " ", "\t"])) + draw(st.sampled_from(["", "0"]))
+            uid += str(draw(GOOD_ID))
+        email = draw(st.sampled_from([*emails, "a,b@x.org"] if deviations else emails))
+        values = {"user_id": uid, "name": draw(NAME), "email": email}
+        rows.append([values.get(h.lower(), "2023-01-01") for h in header])
+    if not deviations:
+        sep = draw(st.sampled_from([",\t", ","]))
+        return "".join(sep.join(row) + "\r\n" for row in rows).encode()
+    return joined_rows(draw, rows).replace(b'"', b"")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_user_block_gives_the_general_readers_rows_or_none(
+    users_header: tuple[FilePlan, list[str]], data: st.DataObject
+) -> None:
+    users_plan, header = users_header
+    block = data.draw(user_rows(header))
+    lines = block_lines(block, users_plan.name, FIRST_LINE)
+    fast = user_block(lines, users_plan)
+    batch = parsed(users_plan, block)
+    assert batch is not None  # no quotes: nothing the reader rejects whole
+    log = ErrorLog()
+    rows, where = scan._stripped(batch, users_plan.width, users_plan.name, log)
+    ids, names = [], []
+    for row in rows:
+        try:
+            ids.append(parse_id(row[users_plan.columns["user_id"]]))
+        except FieldError:
+            assert fast is None
+            return
+        names.append(row[users_plan.columns["name"]])
+    if log.total:
+        assert fast is None, log.errors
+        return
+    if fast is not None:
+        assert fast == (ids, names)
+        # The scan numbers the fast path's rows from the block's first line on.
+        assert list(where) == list(range(FIRST_LINE, FIRST_LINE + len(ids)))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.data())
+def test_user_block_takes_rows_in_the_usual_spellings(
+    users_header: tuple[FilePlan, list[str]], data: st.DataObject
+) -> None:
+    """Blanks around fields and leading zeros in ids: no closer look for users."""
+    users_plan, header = users_header
+    block = data.draw(user_rows(header, deviations=False))
+    taken = user_block(block_lines(block, users_plan.name, FIRST_LINE), users_plan)
+    assert taken is not None
+    assert len(taken[0]) == block.count(b"\n")
