@@ -5,15 +5,21 @@ lack a final newline. So fields and header names are stripped, blank lines are s
 RFC 4180 quoting works even after the tab, a UTF-8 BOM is accepted and CRLF, LF and CR
 all end a line. Files are read in large byte blocks cut at line ends, which lets a file
 without quotes be split into byte ranges and parsed by several processes at once.
+
+A file with quotes is read by one reader (a quoted field may hold a line end, so a byte
+offset does not say where a row starts), but still in C-level passes per chunk: Python's
+csv module cannot honour a quote after the tab, and rewriting each line character by
+character in Python made quoted names cost several times the plain file.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from itertools import pairwise
+from itertools import chain, pairwise
 from pathlib import Path
 
 from .errors import FileError, RowError
@@ -221,16 +227,30 @@ def line_count(data: bytes) -> int:
 
 def block_lines(data: bytes, name: str, line_no: int) -> list[str]:
     """A block's lines: decoded, line ends unified, no line over the limit."""
+    lines = _split_lines(_block_text(data, name, line_no))
+    _check_lengths(lines, name, line_no)
+    return lines
+
+
+def _block_text(data: bytes, name: str, line_no: int) -> str:
+    """A block decoded, with every line end made ``\\n``."""
     text = _decode(data, name, line_no)
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return text
+
+
+def _split_lines(text: str) -> list[str]:
     lines = text.split("\n")
     if lines[-1] == "":
         lines.pop()
+    return lines
+
+
+def _check_lengths(lines: list[str], name: str, line_no: int) -> None:
     if max(map(len, lines), default=0) > MAX_LINE_CHARS:
         long_at = next(i for i, ln in enumerate(lines) if len(ln) > MAX_LINE_CHARS)
         raise _too_long(name, line_no + long_at, lines[long_at])
-    return lines
 
 
 def _blocks(
@@ -402,16 +422,205 @@ def block_batch(plan: FilePlan, data: bytes, line_no: int) -> Batch:
 def _quoted_batches(
     plan: FilePlan, begin: int, stop: int, block: int, first: int
 ) -> Iterator[Batch]:
-    def physical() -> Iterator[str]:
-        for lines, _ in _blocks(plan.path, plan.name, begin, stop, block, first):
-            for line in lines:
-                yield line + "\n"
+    """The one sequential reader: C-level passes per chunk where they are certain to read
+    what the character-level reader reads, that reader itself where they are not.
 
-    feed = _LenientQuotes(physical(), plan.name, first)
+    Each chunk is parsed up to its last line end outside quotes; the rest, a row still
+    inside a quoted field, is carried into the next chunk. The character-level reader
+    takes over from a row start for any chunk the passes cannot vouch for (a quote inside
+    an unquoted field, an unterminated quote, a field over the limit, a row longer than a
+    few chunks) and hands back at the first chunk end outside quotes. Decoding and the
+    line-length check happen per block, as that reader does them, so when a file holds
+    several problems the same one is reported first.
+    """
+    name = plan.name
+    size = min(block, _CHUNK)
+    chunks = _chunks(raw_blocks(plan.path, name, begin, stop, block, first), name, size)
+    carry, line = "", first  # text from a row start not parsed yet, and its first line
+    pending = _Rows()
+    while True:
+        try:
+            chunk = next(chunks, None)
+        except FileError as exc:
+            yield from pending.flush()
+            if carry:  # the reader would parse the carried row's lines before this block
+                yield from _character_level(name, line, carry, _raising(exc))
+            raise
+        if chunk is None:
+            break
+        unit = carry + chunk
+        parsed = None if len(carry) > 4 * size else _parse_unit(unit)
+        if parsed is None:
+            yield from pending.flush()
+            line = yield from _character_level(name, line, unit, chunks)
+            carry = ""
+            continue
+        rows, starts, used, used_lines = parsed
+        pending.add(rows, starts, line)
+        line += used_lines
+        carry = unit[used:]
+        if len(pending.rows) >= _BATCH_ROWS:
+            yield from pending.flush()
+    yield from pending.flush()
+    if carry:
+        yield from _character_level(name, line, carry, chunks)
+
+
+_CHUNK = 256 * 1024  # characters: what falls back to the character-level reader at once
+_BATCH_ROWS = 65536
+_BLANKS_AFTER_COMMA = re.compile(",[ \t]+\x00")
+_BLANKS_AFTER_NEWLINE = re.compile("\n[ \t]+\x00")
+
+
+def _chunks(blocks: Iterable[tuple[bytes, int]], name: str, size: int) -> Iterator[str]:
+    """Decoded text in pieces of about ``size`` characters, each ending with ``\\n``."""
+    for data, line_no in blocks:
+        text = _block_text(data, name, line_no)
+        if _may_hold_long_line(text):
+            _check_lengths(_split_lines(text), name, line_no)
+        if not text.endswith("\n"):
+            text += "\n"  # the last line of the file, ended as the reader ends it
+        pos = 0
+        while pos < len(text):
+            cut = text.find("\n", pos + size - 1) + 1 or len(text)
+            yield text[pos:cut]
+            pos = cut
+
+
+def _may_hold_long_line(text: str) -> bool:
+    """False when every half-limit window holds a line end: no line can exceed the limit."""
+    half = MAX_LINE_CHARS // 2
+    return any(text.find("\n", at, at + half) < 0 for at in range(0, len(text), half))
+
+
+def _parse_unit(unit: str) -> tuple[list[list[str]], Sequence[int], int, int] | None:
+    """Rows of ``unit`` (text from a row start) up to its last line end outside quotes.
+
+    Returns (rows, their first lines counted from 0, characters used, lines used), or None
+    when the character-level reader might read the text differently.
+    """
+    head = unit
+    if '"' in unit:
+        parts = unit.split('"')
+        if len(parts) % 2 == 0:  # an odd number of quotes: the end is inside a quoted field
+            for j in range(len(parts) - 2, -1, -2):
+                end = parts[j].rfind("\n") + 1
+                if end:
+                    break
+            else:
+                return [], (), 0, 0
+            parts = [*parts[:j], parts[j][:end]]
+        rewritten = _without_blanks_before_quotes(parts)
+        if rewritten is None:
+            return None
+        head, used = rewritten
+    else:
+        used = len(unit)
+    try:
+        rows = list(csv.reader(io.StringIO(head)))
+    except csv.Error:
+        return None
+    lines = head.count("\n")
+    if len(rows) == lines:
+        return rows, range(lines), used, lines
+    starts = []
+    at = 0
+    for row in rows:  # only where a quoted field holds a line end
+        starts.append(at)
+        at += 1 + sum(field.count("\n") for field in row)
+    return rows, starts, used, lines
+
+
+def _without_blanks_before_quotes(parts: list[str]) -> tuple[str, int] | None:
+    """The text of ``parts`` (split at quotes, an even number of them) with the blanks
+    before each opening quote removed, as ``_LenientQuotes`` does, and its original length.
+
+    If every quote is where the character-level reader sees it, parts alternate between
+    outside and inside a quoted field, and each outside part that a quote follows either
+    ends a field (a delimiter or line end, then blanks) or is empty (a doubled quote).
+    The first part starts a row, so it may also be all blanks. Any other outside part puts
+    a quote inside an unquoted field, where csv takes it literally: None.
+    """
+    used = sum(map(len, parts)) + len(parts) - 1
+    if len(parts) == 1:
+        return parts[0], used
+    if not parts[0].strip(" \t"):
+        parts[0] = ""
+    opening = parts[0:-1:2]
+    joined = "\x00".join(opening) + "\x00"  # the decoder has refused NUL in the data
+    joined = _BLANKS_AFTER_COMMA.sub(",\x00", joined)
+    joined = _BLANKS_AFTER_NEWLINE.sub("\n\x00", joined)
+    if joined.count(",\x00") + joined.count("\n\x00") + opening.count("") != len(opening):
+        return None
+    parts[0:-1:2] = joined[:-1].split("\x00")
+    return '"'.join(parts), used
+
+
+class _Rows:
+    """Rows parsed chunk by chunk, gathered into batches of a useful size."""
+
+    def __init__(self) -> None:
+        self.rows: list[list[str]] = []
+        self.lines: list[Sequence[int]] = []
+
+    def add(self, rows: list[list[str]], starts: Sequence[int], first_line: int) -> None:
+        if not rows:
+            return
+        self.rows += rows
+        if isinstance(starts, range):
+            self.lines.append(range(first_line, first_line + len(starts)))
+        else:
+            self.lines.append([first_line + s for s in starts])
+
+    def flush(self) -> Iterator[Batch]:
+        if not self.rows:
+            return
+        lines = self.lines
+        contiguous = all(isinstance(r, range) for r in lines) and all(
+            a[-1] + 1 == b[0] for a, b in pairwise(lines)
+        )
+        merged: Sequence[int] = (
+            range(lines[0][0], lines[-1][-1] + 1) if contiguous else list(chain(*lines))
+        )
+        yield Batch(self.rows, merged)
+        self.rows, self.lines = [], []
+
+
+def _raising(exc: Exception) -> Iterator[str]:
+    raise exc
+    yield ""  # pragma: no cover
+
+
+def _character_level(
+    name: str, first: int, text: str, more: Iterator[str]
+) -> Generator[Batch, None, int]:
+    """Rows of ``text`` (from a row start) read by ``_LenientQuotes``, continued with chunks
+    of ``more`` while a quoted field is open at the end of one; returns the next line."""
+    exhausted = False
+
+    def physical() -> Iterator[str]:
+        nonlocal exhausted
+        piece: str | None = text
+        while piece is not None:
+            for line in _split_lines(piece):
+                yield line + "\n"
+            if feed.state != feed.QUOTED:
+                return
+            piece = next(more, None)
+        exhausted = True
+
+    feed = _LenientQuotes(physical(), name, first)
+    yield from _reader_batches(feed)
+    if exhausted:
+        feed.check_closed()
+    return feed.line + 1
+
+
+def _reader_batches(feed: _LenientQuotes) -> Iterator[Batch]:
     reader = csv.reader(feed)
     rows: list[list[str]] = []
     starts: list[int] = []
-    last = first - 1
+    last = feed.line
     while True:
         try:
             row = next(reader)
@@ -422,12 +631,26 @@ def _quoted_batches(
         starts.append(last + 1)
         last = feed.line
         rows.append(row)
-        if len(rows) >= 65536:
+        if len(rows) >= _BATCH_ROWS:
             yield Batch(rows, starts)
             rows, starts = [], []
-    feed.check_closed()
     if rows:
         yield Batch(rows, starts)
+
+
+def character_level_batches(
+    plan: FilePlan, begin: int, stop: int, block: int, first: int
+) -> Iterator[Batch]:
+    """Every line through ``_LenientQuotes``: the reference the quoted reader must equal."""
+
+    def physical() -> Iterator[str]:
+        for lines, _ in _blocks(plan.path, plan.name, begin, stop, block, first):
+            for line in lines:
+                yield line + "\n"
+
+    feed = _LenientQuotes(physical(), plan.name, first)
+    yield from _reader_batches(feed)
+    feed.check_closed()
 
 
 def _csv_failure(name: str, lines: list[str], first_line: int, exc: csv.Error) -> FileError:
