@@ -548,12 +548,21 @@ def _without_blanks_before_quotes(parts: list[str]) -> tuple[str, int] | None:
         parts[0] = ""
     opening = parts[0:-1:2]
     joined = "\x00".join(opening) + "\x00"  # the decoder has refused NUL in the data
-    joined = _BLANKS_AFTER_COMMA.sub(",\x00", joined)
-    joined = _BLANKS_AFTER_NEWLINE.sub("\n\x00", joined)
-    if joined.count(",\x00") + joined.count("\n\x00") + opening.count("") != len(opening):
-        return None
+    # The usual single blank by plain replaces; the pattern only if other blanks remain.
+    joined = joined.replace(",\t\x00", ",\x00").replace(", \x00", ",\x00")
+    if not _all_start_fields(joined, opening):
+        joined = _BLANKS_AFTER_COMMA.sub(",\x00", joined)
+        joined = _BLANKS_AFTER_NEWLINE.sub("\n\x00", joined)
+        if not _all_start_fields(joined, opening):
+            return None
     parts[0:-1:2] = joined[:-1].split("\x00")
     return '"'.join(parts), used
+
+
+def _all_start_fields(joined: str, opening: list[str]) -> bool:
+    """Whether each part in ``joined`` (each ended by NUL) ends a field or is empty."""
+    ends = joined.count(",\x00") + joined.count("\n\x00")
+    return ends + opening.count("") == len(opening)
 
 
 class _Rows:
