@@ -18,7 +18,7 @@ import csv
 import io
 import re
 from collections.abc import Generator, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain, pairwise
 from pathlib import Path
 
@@ -436,38 +436,45 @@ def _quoted_batches(
     name = plan.name
     size = min(block, _CHUNK)
     chunks = _chunks(raw_blocks(plan.path, name, begin, stop, block, first), name, size)
-    carry, line = "", first  # text from a row start not parsed yet, and its first line
+    buf, line = "", first  # text from a row start not parsed yet, and its first line
+    take = size  # characters to parse at once: fewer just after a misplaced quote
+    ended = False
     pending = _Rows()
     while True:
-        try:
-            chunk = next(chunks, None)
-        except FileError as exc:
-            yield from pending.flush()
-            if carry:  # the reader would parse the carried row's lines before this block
-                yield from _character_level(name, line, carry, _raising(exc))
-            raise
-        if chunk is None:
+        while not ended and len(buf) < take:
+            try:
+                chunk = next(chunks, None)
+            except FileError as exc:
+                yield from pending.flush()
+                if buf:  # the reader would parse these lines before it decodes the block
+                    yield from _character_level(name, line, buf, _raising(exc), _ALL)
+                raise
+            ended = chunk is None
+            buf += chunk or ""
+        if not buf:
             break
-        unit = carry + chunk
-        parsed = None if len(carry) > 4 * size else _parse_unit(unit)
-        if parsed is None:
+        cut = buf.find("\n", take - 1) + 1 or len(buf)
+        parsed = _parse_unit(buf[:cut]) if take <= 4 * size else _Parsed(doubtful=_ALL)
+        pending.add(parsed.rows, parsed.starts, line)
+        line += parsed.lines
+        buf = buf[parsed.used :]
+        if parsed.doubtful or (ended and not parsed.used and cut == len(buf)):
             yield from pending.flush()
-            line = yield from _character_level(name, line, unit, chunks)
-            carry = ""
-            continue
-        rows, starts, used, used_lines = parsed
-        pending.add(rows, starts, line)
-        line += used_lines
-        carry = unit[used:]
-        if len(pending.rows) >= _BATCH_ROWS:
-            yield from pending.flush()
+            doubtful = parsed.doubtful or _ALL
+            line, buf = yield from _character_level(name, line, buf, chunks, doubtful)
+            take = max(size // 64, 1)  # the next quote may be misplaced too: parse less
+        elif parsed.used:
+            take = min(2 * take, size)
+            if len(pending.rows) >= _BATCH_ROWS:
+                yield from pending.flush()
+        else:
+            take *= 2  # a row longer than the unit
     yield from pending.flush()
-    if carry:
-        yield from _character_level(name, line, carry, chunks)
 
 
-_CHUNK = 256 * 1024  # characters: what falls back to the character-level reader at once
+_CHUNK = 256 * 1024  # characters
 _BATCH_ROWS = 65536
+_ALL = 1 << 62  # lines: all there are
 _BLANKS_AFTER_COMMA = re.compile(",[ \t]+\x00")
 _BLANKS_AFTER_NEWLINE = re.compile("\n[ \t]+\x00")
 
@@ -493,70 +500,90 @@ def _may_hold_long_line(text: str) -> bool:
     return any(text.find("\n", at, at + half) < 0 for at in range(0, len(text), half))
 
 
-def _parse_unit(unit: str) -> tuple[list[list[str]], Sequence[int], int, int] | None:
-    """Rows of ``unit`` (text from a row start) up to its last line end outside quotes.
+@dataclass
+class _Parsed:
+    """What the C-level passes made of a chunk (with the row carried into it)."""
 
-    Returns (rows, their first lines counted from 0, characters used, lines used), or None
-    when the character-level reader might read the text differently.
-    """
-    head = unit
+    rows: list[list[str]] = field(default_factory=list)
+    starts: Sequence[int] = ()  # the line each row starts on, counted from 0
+    used: int = 0  # characters parsed
+    lines: int = 0  # lines parsed
+    doubtful: int = 0  # lines after those that only the character-level reader may read
+
+
+def _parse_unit(unit: str) -> _Parsed:
+    """Rows of ``unit`` (text from a row start) up to its last line end outside quotes,
+    or up to the row with the first quote the passes cannot place."""
+    head, used, doubtful = unit, len(unit), 0
     if '"' in unit:
         parts = unit.split('"')
-        if len(parts) % 2 == 0:  # an odd number of quotes: the end is inside a quoted field
-            for j in range(len(parts) - 2, -1, -2):
-                end = parts[j].rfind("\n") + 1
-                if end:
-                    break
-            else:
-                return [], (), 0, 0
-            parts = [*parts[:j], parts[j][:end]]
-        rewritten = _without_blanks_before_quotes(parts)
-        if rewritten is None:
-            return None
-        head, used = rewritten
-    else:
-        used = len(unit)
+        fixed, misplaced = _fix_opening_quotes(parts)
+        # With an odd number of quotes the last one opens a field that goes on past the end.
+        last = len(parts) - 2 if misplaced is None else misplaced
+        if misplaced is not None or len(parts) % 2 == 0:
+            j, end = _row_end(parts, last)
+            used = sum(map(len, parts[:j])) + j + end
+            head = '"'.join([*fixed[:j], parts[j][:end]])
+            if misplaced is not None:  # the reader takes over up to that quote's line
+                doubtful = '"'.join(parts[j : misplaced + 1]).count("\n", end) + 1
+        else:
+            head = '"'.join(fixed)
     try:
         rows = list(csv.reader(io.StringIO(head)))
     except csv.Error:
-        return None
+        return _Parsed(doubtful=_ALL)
     lines = head.count("\n")
     if len(rows) == lines:
-        return rows, range(lines), used, lines
+        return _Parsed(rows, range(lines), used, lines, doubtful)
     starts = []
     at = 0
     for row in rows:  # only where a quoted field holds a line end
         starts.append(at)
-        at += 1 + sum(field.count("\n") for field in row)
-    return rows, starts, used, lines
+        at += 1 + sum(f.count("\n") for f in row)
+    return _Parsed(rows, starts, used, lines, doubtful)
 
 
-def _without_blanks_before_quotes(parts: list[str]) -> tuple[str, int] | None:
-    """The text of ``parts`` (split at quotes, an even number of them) with the blanks
-    before each opening quote removed, as ``_LenientQuotes`` does, and its original length.
+def _row_end(parts: list[str], last: int) -> tuple[int, int]:
+    """The last line end in an outside part no later than ``last``: (part, offset after)."""
+    for j in range(last, -1, -2):
+        end = parts[j].rfind("\n") + 1
+        if end:
+            return j, end
+    return 0, 0
+
+
+def _fix_opening_quotes(parts: list[str]) -> tuple[list[str], int | None]:
+    """``parts`` (the text split at quotes) with the blanks before each opening quote
+    removed, as ``_LenientQuotes`` does, and the index of the part before the first quote
+    that cannot be placed (the fix holds only for the parts before it).
 
     If every quote is where the character-level reader sees it, parts alternate between
     outside and inside a quoted field, and each outside part that a quote follows either
     ends a field (a delimiter or line end, then blanks) or is empty (a doubled quote).
     The first part starts a row, so it may also be all blanks. Any other outside part puts
-    a quote inside an unquoted field, where csv takes it literally: None.
+    a quote inside an unquoted field, where csv takes it literally.
     """
-    used = sum(map(len, parts)) + len(parts) - 1
     if len(parts) == 1:
-        return parts[0], used
-    if not parts[0].strip(" \t"):
-        parts[0] = ""
+        return parts, None
     opening = parts[0:-1:2]
+    if not opening[0].strip(" \t"):
+        opening[0] = ""
     joined = "\x00".join(opening) + "\x00"  # the decoder has refused NUL in the data
     # The usual single blank by plain replaces; the pattern only if other blanks remain.
     joined = joined.replace(",\t\x00", ",\x00").replace(", \x00", ",\x00")
+    misplaced = None
     if not _all_start_fields(joined, opening):
         joined = _BLANKS_AFTER_COMMA.sub(",\x00", joined)
         joined = _BLANKS_AFTER_NEWLINE.sub("\n\x00", joined)
         if not _all_start_fields(joined, opening):
-            return None
-    parts[0:-1:2] = joined[:-1].split("\x00")
-    return '"'.join(parts), used
+            misplaced = next(
+                2 * k
+                for k, part in enumerate(opening)
+                if part and not part.rstrip(" \t").endswith((",", "\n"))
+            )
+    fixed = parts[:]
+    fixed[0:-1:2] = joined[:-1].split("\x00")
+    return fixed, misplaced
 
 
 def _all_start_fields(joined: str, opening: list[str]) -> bool:
@@ -601,18 +628,27 @@ def _raising(exc: Exception) -> Iterator[str]:
 
 
 def _character_level(
-    name: str, first: int, text: str, more: Iterator[str]
-) -> Generator[Batch, None, int]:
-    """Rows of ``text`` (from a row start) read by ``_LenientQuotes``, continued with chunks
-    of ``more`` while a quoted field is open at the end of one; returns the next line."""
+    name: str, first: int, text: str, more: Iterator[str], doubtful: int
+) -> Generator[Batch, None, tuple[int, str]]:
+    """Rows of ``text`` (from a row start) read by ``_LenientQuotes``: its first
+    ``doubtful`` lines, then on to the first line end outside quotes, with chunks of
+    ``more`` while a quoted field is open. Returns the next line and the text left."""
+    rest = ""
     exhausted = False
 
     def physical() -> Iterator[str]:
-        nonlocal exhausted
+        nonlocal rest, exhausted
         piece: str | None = text
+        need = doubtful
         while piece is not None:
+            pos = 0
             for line in _split_lines(piece):
                 yield line + "\n"
+                pos += len(line) + 1
+                need -= 1
+                if need <= 0 and feed.state != feed.QUOTED:
+                    rest = piece[pos:]
+                    return
             if feed.state != feed.QUOTED:
                 return
             piece = next(more, None)
@@ -622,7 +658,7 @@ def _character_level(
     yield from _reader_batches(feed)
     if exhausted:
         feed.check_closed()
-    return feed.line + 1
+    return feed.line + 1, rest
 
 
 def _reader_batches(feed: _LenientQuotes) -> Iterator[Batch]:
