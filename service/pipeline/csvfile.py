@@ -630,9 +630,9 @@ def _raising(exc: Exception) -> Iterator[str]:
 def _character_level(
     name: str, first: int, text: str, more: Iterator[str], doubtful: int
 ) -> Generator[Batch, None, tuple[int, str]]:
-    """Rows of ``text`` (from a row start) read by ``_LenientQuotes``: its first
-    ``doubtful`` lines, then on to the first line end outside quotes, with chunks of
-    ``more`` while a quoted field is open. Returns the next line and the text left."""
+    """Rows of ``text`` (from a row start, ending with ``\\n``) read by ``_LenientQuotes``:
+    its first ``doubtful`` lines, then on to the first line end outside quotes, with chunks
+    of ``more`` while a quoted field is open. Returns the next line and the text left."""
     rest = ""
     exhausted = False
 
@@ -642,9 +642,10 @@ def _character_level(
         need = doubtful
         while piece is not None:
             pos = 0
-            for line in _split_lines(piece):
-                yield line + "\n"
-                pos += len(line) + 1
+            while pos < len(piece):  # line by line: only a few may be needed
+                end = piece.index("\n", pos) + 1
+                yield piece[pos:end]
+                pos = end
                 need -= 1
                 if need <= 0 and feed.state != feed.QUOTED:
                     rest = piece[pos:]
