@@ -427,41 +427,42 @@ def _quoted_batches(
 
     Each chunk is parsed up to its last line end outside quotes; the rest, a row still
     inside a quoted field, is carried into the next chunk. The character-level reader
-    takes over from a row start for any chunk the passes cannot vouch for (a quote inside
-    an unquoted field, an unterminated quote, a field over the limit, a row longer than a
-    few chunks) and hands back at the first chunk end outside quotes. Decoding and the
+    takes over at the row where the passes cannot vouch for the text (a quote inside an
+    unquoted field, an unterminated quote, a field over the limit, a row longer than a
+    few chunks) and hands back at the next line end outside quotes. Decoding and the
     line-length check happen per block, as that reader does them, so when a file holds
     several problems the same one is reported first.
     """
     name = plan.name
     size = min(block, _CHUNK)
     chunks = _chunks(raw_blocks(plan.path, name, begin, stop, block, first), name, size)
-    buf, line = "", first  # text from a row start not parsed yet, and its first line
+    buf, at, line = "", 0, first  # buf[at:], from a row start, is not parsed yet
     take = size  # characters to parse at once: fewer just after a misplaced quote
     ended = False
     pending = _Rows()
     while True:
-        while not ended and len(buf) < take:
+        while not ended and len(buf) - at < take:
             try:
                 chunk = next(chunks, None)
             except FileError as exc:
                 yield from pending.flush()
-                if buf:  # the reader would parse these lines before it decodes the block
-                    yield from _character_level(name, line, buf, _raising(exc), _ALL)
+                if at < len(buf):  # the reader parses these lines before it decodes more
+                    yield from _character_level(name, line, buf, at, _raising(exc), _ALL)
                 raise
             ended = chunk is None
-            buf += chunk or ""
-        if not buf:
+            if chunk:
+                buf, at = buf[at:] + chunk, 0
+        if at == len(buf):
             break
-        cut = buf.find("\n", take - 1) + 1 or len(buf)
-        parsed = _parse_unit(buf[:cut]) if take <= 4 * size else _Parsed(doubtful=_ALL)
+        cut = buf.find("\n", at + take - 1) + 1 or len(buf)
+        parsed = _parse_unit(buf[at:cut]) if take <= 4 * size else _Parsed(doubtful=_ALL)
         pending.add(parsed.rows, parsed.starts, line)
         line += parsed.lines
-        buf = buf[parsed.used :]
+        at += parsed.used
         if parsed.doubtful or (ended and not parsed.used and cut == len(buf)):
             yield from pending.flush()
             doubtful = parsed.doubtful or _ALL
-            line, buf = yield from _character_level(name, line, buf, chunks, doubtful)
+            line, buf, at = yield from _character_level(name, line, buf, at, chunks, doubtful)
             take = max(size // 64, 1)  # the next quote may be misplaced too: parse less
         elif parsed.used:
             take = min(2 * take, size)
@@ -496,7 +497,7 @@ def _chunks(blocks: Iterable[tuple[bytes, int]], name: str, size: int) -> Iterat
 
 def _may_hold_long_line(text: str) -> bool:
     """False when every half-limit window holds a line end: no line can exceed the limit."""
-    half = MAX_LINE_CHARS // 2
+    half = max(MAX_LINE_CHARS // 2, 1)
     return any(text.find("\n", at, at + half) < 0 for at in range(0, len(text), half))
 
 
@@ -628,38 +629,38 @@ def _raising(exc: Exception) -> Iterator[str]:
 
 
 def _character_level(
-    name: str, first: int, text: str, more: Iterator[str], doubtful: int
-) -> Generator[Batch, None, tuple[int, str]]:
-    """Rows of ``text`` (from a row start, ending with ``\\n``) read by ``_LenientQuotes``:
-    its first ``doubtful`` lines, then on to the first line end outside quotes, with chunks
-    of ``more`` while a quoted field is open. Returns the next line and the text left."""
-    rest = ""
+    name: str, first: int, text: str, start: int, more: Iterator[str], doubtful: int
+) -> Generator[Batch, None, tuple[int, str, int]]:
+    """Rows of ``text[start:]`` (from a row start, ending with ``\\n``) read by
+    ``_LenientQuotes``: its first ``doubtful`` lines, then on to the first line end outside
+    quotes, with chunks of ``more`` while a quoted field is open. Returns the next line
+    and where the text left starts: (text, offset)."""
+    left = ("", 0)
     exhausted = False
 
     def physical() -> Iterator[str]:
-        nonlocal rest, exhausted
+        nonlocal left, exhausted
         piece: str | None = text
-        need = doubtful
+        pos, need = start, doubtful
         while piece is not None:
-            pos = 0
             while pos < len(piece):  # line by line: only a few may be needed
                 end = piece.index("\n", pos) + 1
                 yield piece[pos:end]
                 pos = end
                 need -= 1
                 if need <= 0 and feed.state != feed.QUOTED:
-                    rest = piece[pos:]
+                    left = (piece, pos)
                     return
             if feed.state != feed.QUOTED:
                 return
-            piece = next(more, None)
+            piece, pos = next(more, None), 0
         exhausted = True
 
     feed = _LenientQuotes(physical(), name, first)
     yield from _reader_batches(feed)
     if exhausted:
         feed.check_closed()
-    return feed.line + 1, rest
+    return feed.line + 1, *left
 
 
 def _reader_batches(feed: _LenientQuotes) -> Iterator[Batch]:
