@@ -554,7 +554,7 @@ def _row_end(parts: list[str], last: int) -> tuple[int, int]:
 
 
 def _fix_opening_quotes(parts: list[str]) -> tuple[list[str], int | None]:
-    """``parts`` (the text split at quotes) with the blanks before each opening quote
+    """``parts`` (the text split at quotes, at least one) with the blanks before each opening quote
     removed, as ``_LenientQuotes`` does, and the index of the part before the first quote
     that cannot be placed (the fix holds only for the parts before it).
 
@@ -564,8 +564,6 @@ def _fix_opening_quotes(parts: list[str]) -> tuple[list[str], int | None]:
     The first part starts a row, so it may also be all blanks. Any other outside part puts
     a quote inside an unquoted field, where csv takes it literally.
     """
-    if len(parts) == 1:
-        return parts, None
     opening = parts[0:-1:2]
     if not opening[0].strip(" \t"):
         opening[0] = ""
