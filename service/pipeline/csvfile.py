@@ -554,9 +554,9 @@ def _row_end(parts: list[str], last: int) -> tuple[int, int]:
 
 
 def _fix_opening_quotes(parts: list[str]) -> tuple[list[str], int | None]:
-    """``parts`` (the text split at quotes, at least one) with the blanks before each opening quote
-    removed, as ``_LenientQuotes`` does, and the index of the part before the first quote
-    that cannot be placed (the fix holds only for the parts before it).
+    """``parts`` (the text split at quotes, at least one) with the blanks before each
+    opening quote removed, as ``_LenientQuotes`` does, and the index of the part before
+    the first quote that cannot be placed (the fix holds only for the parts before it).
 
     If every quote is where the character-level reader sees it, parts alternate between
     outside and inside a quoted field, and each outside part that a quote follows either
