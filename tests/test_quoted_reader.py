@@ -96,6 +96,9 @@ PIECES = [
     b"b",
     b"7",
     b"\xc3\xa9",
+    b"\xe2\x80\xa8",  # U+2028 and NEL: line ends to str.splitlines, not to csv
+    b"\xc2\x85",
+    b"\x0c",
 ]
 RARE = [b"\xff", b"\x00", b"\xef\xbb\xbf"]  # kept only in some examples
 noise = st.lists(st.sampled_from(PIECES + RARE), max_size=120).map(b"".join)
@@ -104,7 +107,7 @@ noise = st.lists(st.sampled_from(PIECES + RARE), max_size=120).map(b"".join)
 # holding every special character, now and then a quote inside an unquoted field.
 blanks = st.sampled_from(["", "", " ", "\t", " \t"])
 unquoted = st.text(alphabet='ab7 \té"', max_size=6).filter(lambda s: s.count('"') < 2)
-quoted = st.text(alphabet='ab7,\t \n\r"é', max_size=8).map(
+quoted = st.text(alphabet='ab7,\t \n\r"é\u2028', max_size=8).map(
     lambda s: '"' + s.replace('"', '""') + '"'
 )
 field = st.tuples(blanks, unquoted | quoted, blanks).map("".join)
