@@ -5,14 +5,21 @@ lack a final newline. So fields and header names are stripped, blank lines are s
 RFC 4180 quoting works even after the tab, a UTF-8 BOM is accepted and CRLF, LF and CR
 all end a line. Files are read in large byte blocks cut at line ends, which lets a file
 without quotes be split into byte ranges and parsed by several processes at once.
+
+A file with quotes is read by one reader (a quoted field may hold a line end, so a byte
+offset does not say where a row starts), but still in C-level passes per chunk: Python's
+csv module cannot honour a quote after the tab, and rewriting each line character by
+character in Python made quoted names cost several times the plain file.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import re
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Generator, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from itertools import chain, pairwise
 from pathlib import Path
 
 from .errors import FileError, RowError
@@ -245,16 +252,30 @@ def line_count(data: bytes) -> int:
 
 def block_lines(data: bytes, name: str, line_no: int) -> list[str]:
     """A block's lines: decoded, line ends unified, no line over the limit."""
+    lines = _split_lines(_block_text(data, name, line_no))
+    _check_lengths(lines, name, line_no)
+    return lines
+
+
+def _block_text(data: bytes, name: str, line_no: int) -> str:
+    """A block decoded, with every line end made ``\\n``."""
     text = _decode(data, name, line_no)
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return text
+
+
+def _split_lines(text: str) -> list[str]:
     lines = text.split("\n")
     if lines[-1] == "":
         lines.pop()
+    return lines
+
+
+def _check_lengths(lines: list[str], name: str, line_no: int) -> None:
     if max(map(len, lines), default=0) > MAX_LINE_CHARS:
         long_at = next(i for i, ln in enumerate(lines) if len(ln) > MAX_LINE_CHARS)
         raise _too_long(name, line_no + long_at, lines[long_at])
-    return lines
 
 
 def _blocks(
@@ -426,16 +447,250 @@ def block_batch(plan: FilePlan, data: bytes, line_no: int) -> Batch:
 def _quoted_batches(
     plan: FilePlan, begin: int, stop: int, block: int, first: int
 ) -> Iterator[Batch]:
-    def physical() -> Iterator[str]:
-        for lines, _ in _blocks(plan.path, plan.name, begin, stop, block, first):
-            for line in lines:
-                yield line + "\n"
+    """The one sequential reader: C-level passes per chunk where they are certain to read
+    what the character-level reader reads, that reader itself where they are not.
 
-    feed = _LenientQuotes(physical(), plan.name, first)
+    Each chunk is parsed up to its last line end outside quotes; the rest, a row still
+    inside a quoted field, is carried into the next chunk. The character-level reader
+    takes over at the row where the passes cannot vouch for the text (a quote inside an
+    unquoted field, an unterminated quote, a field over the limit, a row longer than a
+    few chunks) and hands back at the next line end outside quotes. Decoding and the
+    line-length check happen per block, as that reader does them, so when a file holds
+    several problems the same one is reported first.
+    """
+    name = plan.name
+    size = min(block, _CHUNK)
+    chunks = _chunks(raw_blocks(plan.path, name, begin, stop, block, first), name, size)
+    buf, at, line = "", 0, first  # buf[at:], from a row start, is not parsed yet
+    take = size  # characters to parse at once: fewer just after a misplaced quote
+    ended = False
+    pending = _Rows()
+    while True:
+        while not ended and len(buf) - at < take:
+            try:
+                chunk = next(chunks, None)
+            except FileError as exc:
+                yield from pending.flush()
+                if at < len(buf):  # the reader parses these lines before it decodes more
+                    yield from _character_level(name, line, buf, at, _raising(exc), _ALL)
+                raise
+            ended = chunk is None
+            if chunk:
+                buf, at = buf[at:] + chunk, 0
+        if at == len(buf):
+            break
+        cut = buf.find("\n", at + take - 1) + 1 or len(buf)
+        parsed = _parse_unit(buf[at:cut]) if take <= 4 * size else _Parsed(doubtful=_ALL)
+        pending.add(parsed.rows, parsed.starts, line)
+        line += parsed.lines
+        at += parsed.used
+        if parsed.doubtful or (ended and not parsed.used and cut == len(buf)):
+            yield from pending.flush()
+            doubtful = parsed.doubtful or _ALL
+            line, buf, at = yield from _character_level(name, line, buf, at, chunks, doubtful)
+            take = max(size // 64, 1)  # the next quote may be misplaced too: parse less
+        elif parsed.used:
+            take = min(2 * take, size)
+            if len(pending.rows) >= _BATCH_ROWS:
+                yield from pending.flush()
+        else:
+            take *= 2  # a row longer than the unit
+    yield from pending.flush()
+
+
+_CHUNK = 128 * 1024  # characters parsed at once
+_BATCH_ROWS = 65536
+_ALL = 1 << 62  # lines: all there are
+_BLANKS_AFTER_COMMA = re.compile(",[ \t]+\x00")
+_BLANKS_AFTER_NEWLINE = re.compile("\n[ \t]+\x00")
+
+
+def _chunks(blocks: Iterable[tuple[bytes, int]], name: str, size: int) -> Iterator[str]:
+    """Decoded text in pieces of about ``size`` characters, each ending with ``\\n``."""
+    for data, line_no in blocks:
+        text = _block_text(data, name, line_no)
+        if _may_hold_long_line(text):
+            _check_lengths(_split_lines(text), name, line_no)
+        if not text.endswith("\n"):
+            text += "\n"  # the last line of the file, ended as the reader ends it
+        pos = 0
+        while pos < len(text):
+            cut = text.find("\n", pos + size - 1) + 1 or len(text)
+            yield text[pos:cut]
+            pos = cut
+
+
+def _may_hold_long_line(text: str) -> bool:
+    """False when every half-limit window holds a line end: no line can exceed the limit."""
+    half = max(MAX_LINE_CHARS // 2, 1)
+    return any(text.find("\n", at, at + half) < 0 for at in range(0, len(text), half))
+
+
+@dataclass
+class _Parsed:
+    """What the C-level passes made of a chunk (with the row carried into it)."""
+
+    rows: list[list[str]] = field(default_factory=list)
+    starts: Sequence[int] = ()  # the line each row starts on, counted from 0
+    used: int = 0  # characters parsed
+    lines: int = 0  # lines parsed
+    doubtful: int = 0  # lines after those that only the character-level reader may read
+
+
+def _parse_unit(unit: str) -> _Parsed:
+    """Rows of ``unit`` (text from a row start) up to its last line end outside quotes,
+    or up to the row with the first quote the passes cannot place."""
+    head, used, doubtful = unit, len(unit), 0
+    if '"' in unit:
+        parts = unit.split('"')
+        fixed, misplaced = _fix_opening_quotes(parts)
+        # With an odd number of quotes the last one opens a field that goes on past the end.
+        last = len(parts) - 2 if misplaced is None else misplaced
+        if misplaced is not None or len(parts) % 2 == 0:
+            j, end = _row_end(parts, last)
+            used = sum(map(len, parts[:j])) + j + end
+            head = '"'.join([*fixed[:j], parts[j][:end]])
+            if misplaced is not None:  # the reader takes over up to that quote's line
+                doubtful = '"'.join(parts[j : misplaced + 1]).count("\n", end) + 1
+        else:
+            head = '"'.join(fixed)
+    try:
+        rows = list(csv.reader(io.StringIO(head)))
+    except csv.Error:
+        return _Parsed(doubtful=_ALL)
+    lines = head.count("\n")
+    if len(rows) == lines:
+        return _Parsed(rows, range(lines), used, lines, doubtful)
+    starts = []
+    at = 0
+    for row in rows:  # only where a quoted field holds a line end
+        starts.append(at)
+        at += 1 + sum(f.count("\n") for f in row)
+    return _Parsed(rows, starts, used, lines, doubtful)
+
+
+def _row_end(parts: list[str], last: int) -> tuple[int, int]:
+    """The last line end in an outside part no later than ``last``: (part, offset after)."""
+    for j in range(last, -1, -2):
+        end = parts[j].rfind("\n") + 1
+        if end:
+            return j, end
+    return 0, 0
+
+
+def _fix_opening_quotes(parts: list[str]) -> tuple[list[str], int | None]:
+    """``parts`` (the text split at quotes, at least one) with the blanks before each
+    opening quote removed, as ``_LenientQuotes`` does, and the index of the part before
+    the first quote that cannot be placed (the fix holds only for the parts before it).
+
+    If every quote is where the character-level reader sees it, parts alternate between
+    outside and inside a quoted field, and each outside part that a quote follows either
+    ends a field (a delimiter or line end, then blanks) or is empty (a doubled quote).
+    The first part starts a row, so it may also be all blanks. Any other outside part puts
+    a quote inside an unquoted field, where csv takes it literally.
+    """
+    opening = parts[0:-1:2]
+    if not opening[0].strip(" \t"):
+        opening[0] = ""
+    joined = "\x00".join(opening) + "\x00"  # the decoder has refused NUL in the data
+    # The usual single blank by plain replaces; the pattern only if other blanks remain.
+    joined = joined.replace(",\t\x00", ",\x00").replace(", \x00", ",\x00")
+    misplaced = None
+    if not _all_start_fields(joined, opening):
+        joined = _BLANKS_AFTER_COMMA.sub(",\x00", joined)
+        joined = _BLANKS_AFTER_NEWLINE.sub("\n\x00", joined)
+        if not _all_start_fields(joined, opening):
+            misplaced = next(
+                2 * k
+                for k, part in enumerate(opening)
+                if part and not part.rstrip(" \t").endswith((",", "\n"))
+            )
+    fixed = parts[:]
+    fixed[0:-1:2] = joined[:-1].split("\x00")
+    return fixed, misplaced
+
+
+def _all_start_fields(joined: str, opening: list[str]) -> bool:
+    """Whether each part in ``joined`` (each ended by NUL) ends a field or is empty."""
+    ends = joined.count(",\x00") + joined.count("\n\x00")
+    return ends + opening.count("") == len(opening)
+
+
+class _Rows:
+    """Rows parsed chunk by chunk, gathered into batches of a useful size."""
+
+    def __init__(self) -> None:
+        self.rows: list[list[str]] = []
+        self.lines: list[Sequence[int]] = []
+
+    def add(self, rows: list[list[str]], starts: Sequence[int], first_line: int) -> None:
+        if not rows:
+            return
+        self.rows += rows
+        if isinstance(starts, range):
+            self.lines.append(range(first_line, first_line + len(starts)))
+        else:
+            self.lines.append([first_line + s for s in starts])
+
+    def flush(self) -> Iterator[Batch]:
+        if not self.rows:
+            return
+        lines = self.lines
+        contiguous = all(isinstance(r, range) for r in lines) and all(
+            a[-1] + 1 == b[0] for a, b in pairwise(lines)
+        )
+        merged: Sequence[int] = (
+            range(lines[0][0], lines[-1][-1] + 1) if contiguous else list(chain(*lines))
+        )
+        yield Batch(self.rows, merged)
+        self.rows, self.lines = [], []
+
+
+def _raising(exc: Exception) -> Iterator[str]:
+    raise exc
+    yield ""  # pragma: no cover
+
+
+def _character_level(
+    name: str, first: int, text: str, start: int, more: Iterator[str], doubtful: int
+) -> Generator[Batch, None, tuple[int, str, int]]:
+    """Rows of ``text[start:]`` (from a row start, ending with ``\\n``) read by
+    ``_LenientQuotes``: its first ``doubtful`` lines, then on to the first line end outside
+    quotes, with chunks of ``more`` while a quoted field is open. Returns the next line
+    and where the text left starts: (text, offset)."""
+    left = ("", 0)
+    exhausted = False
+
+    def physical() -> Iterator[str]:
+        nonlocal left, exhausted
+        piece: str | None = text
+        pos, need = start, doubtful
+        while piece is not None:
+            while pos < len(piece):  # line by line: only a few may be needed
+                end = piece.index("\n", pos) + 1
+                yield piece[pos:end]
+                pos = end
+                need -= 1
+                if need <= 0 and feed.state != feed.QUOTED:
+                    left = (piece, pos)
+                    return
+            if feed.state != feed.QUOTED:
+                return
+            piece, pos = next(more, None), 0
+        exhausted = True
+
+    feed = _LenientQuotes(physical(), name, first)
+    yield from _reader_batches(feed)
+    if exhausted:
+        feed.check_closed()
+    return feed.line + 1, *left
+
+
+def _reader_batches(feed: _LenientQuotes) -> Iterator[Batch]:
     reader = csv.reader(feed)
     rows: list[list[str]] = []
     starts: list[int] = []
-    last = first - 1
+    last = feed.line
     while True:
         try:
             row = next(reader)
@@ -446,12 +701,26 @@ def _quoted_batches(
         starts.append(last + 1)
         last = feed.line
         rows.append(row)
-        if len(rows) >= 65536:
+        if len(rows) >= _BATCH_ROWS:
             yield Batch(rows, starts)
             rows, starts = [], []
-    feed.check_closed()
     if rows:
         yield Batch(rows, starts)
+
+
+def character_level_batches(
+    plan: FilePlan, begin: int, stop: int, block: int, first: int
+) -> Iterator[Batch]:
+    """Every line through ``_LenientQuotes``: the reference the quoted reader must equal."""
+
+    def physical() -> Iterator[str]:
+        for lines, _ in _blocks(plan.path, plan.name, begin, stop, block, first):
+            for line in lines:
+                yield line + "\n"
+
+    feed = _LenientQuotes(physical(), plan.name, first)
+    yield from _reader_batches(feed)
+    feed.check_closed()
 
 
 def _csv_failure(name: str, lines: list[str], first_line: int, exc: csv.Error) -> FileError:
