@@ -24,7 +24,7 @@ from edgecases import (
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from service.pipeline import scan
+from service.pipeline import fastpath, scan
 from service.pipeline.csvfile import (
     EXPERIMENTS,
     FIELD_LIMIT,
@@ -149,17 +149,22 @@ def test_experiment_block_gives_the_general_readers_rows_or_none(
         return
     log = ErrorLog()
     (eids, uids, comps, times), lines = scan._experiments_slowly(experiments_plan, batch, log)
+    by_columns = fastpath.experiment_rows(batch, experiments_plan)  # parsed rows' fast path
     if log.total:
-        assert fast is None, log.errors
+        assert fast is None and by_columns is None, log.errors
         return
-    if fast is None:
-        return
-    fast_eids, fast_uids, fast_comps, fast_times = fast
-    assert (fast_eids, fast_uids) == (eids, uids)
-    assert list(map(unique_in_order, fast_comps)) == comps
-    assert list(map(float, fast_times)) == list(map(float, times))
-    # The scan numbers the fast path's rows from the block's first line on.
-    assert scan._line_texts(range(FIRST_LINE, FIRST_LINE + len(fast_eids))) == lines
+    for taken in (fast, by_columns):
+        if taken is None:
+            continue
+        fast_eids, fast_uids, fast_comps, fast_times = taken
+        assert (fast_eids, fast_uids) == (eids, uids)
+        assert list(map(unique_in_order, fast_comps)) == comps
+        assert list(map(float, fast_times)) == list(map(float, times))
+    if fast is not None:
+        # The scan numbers the fast path's rows from the block's first line on.
+        assert scan._line_texts(range(FIRST_LINE, FIRST_LINE + len(fast[0]))) == lines
+    if by_columns is not None:
+        assert scan._line_texts(batch.lines) == lines
 
 
 @settings(max_examples=100, deadline=None)
@@ -240,16 +245,19 @@ def test_user_block_gives_the_general_readers_rows_or_none(
         try:
             ids.append(parse_id(row[users_plan.columns["user_id"]]))
         except FieldError:
-            assert fast is None
+            assert fast is None and fastpath.user_rows(batch, users_plan) is None
             return
         names.append(row[users_plan.columns["name"]])
+    by_columns = fastpath.user_rows(batch, users_plan)  # parsed rows' fast path
     if log.total:
-        assert fast is None, log.errors
+        assert fast is None and by_columns is None, log.errors
         return
     if fast is not None:
         assert fast == (ids, names)
         # The scan numbers the fast path's rows from the block's first line on.
         assert list(where) == list(range(FIRST_LINE, FIRST_LINE + len(ids)))
+    if by_columns is not None:
+        assert by_columns == (ids, names) and list(where) == list(batch.lines)
 
 
 @settings(max_examples=100, deadline=None)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from itertools import repeat
 
-from .csvfile import FIELD_LIMIT, FilePlan
+from .csvfile import FIELD_LIMIT, Batch, FilePlan
 from .fields import compound_lists_valid, ids_column, ids_valid, run_times_valid
 
 BLOCK = 1 << 20  # bytes per block: a block's split fields cost ~20x its size in memory
@@ -58,6 +58,46 @@ def experiment_block(data: bytes) -> Columns | None:
     if len(data) > FIELD_LIMIT and max(map(len, comps)) > FIELD_LIMIT:
         return None  # over the csv module's field limit: let the general reader say so
     return eids, uids, comps, times
+
+
+def experiment_rows(batch: Batch, plan: FilePlan) -> Columns | None:
+    """``experiment_block`` for rows the csv module parsed (quoted files, other column
+    orders): the same checks, column by column, on the stripped fields."""
+    if not _full(batch, plan):
+        return None
+    columns = list(zip(*batch.rows, strict=True))
+    picked: list[list[bytes]] = []
+    for name in ORDER:
+        text = "\n".join(map(str.strip, columns[plan.columns[name]]))
+        tokens = text.encode("ascii").split(b"\n") if text.isascii() else []
+        if len(tokens) != len(batch.rows):
+            return None  # not ASCII, or a line end inside a field
+        picked.append(tokens)
+    eids, uids, comps, times = picked
+    if not (
+        ids_valid(eids)
+        and ids_valid(uids)
+        and run_times_valid(times)
+        and compound_lists_valid(comps)
+    ):
+        return None
+    return eids, uids, comps, times
+
+
+def user_rows(batch: Batch, plan: FilePlan) -> tuple[list[int], list[str]] | None:
+    """(user ids, names) of rows the csv module parsed, when every row is valid."""
+    if not _full(batch, plan):
+        return None
+    columns = list(zip(*batch.rows, strict=True))
+    ids = ids_column(list(map(str.strip, columns[plan.columns["user_id"]])))
+    if ids is None:
+        return None
+    return ids, list(map(str.strip, columns[plan.columns["name"]]))
+
+
+def _full(batch: Batch, plan: FilePlan) -> bool:
+    """Every row has the header's number of fields (a blank line has none)."""
+    return bool(batch.rows) and set(map(len, batch.rows)) == {plan.width}
 
 
 def user_block(lines: list[str], plan: FilePlan) -> tuple[list[int], list[str]] | None:

@@ -15,7 +15,7 @@ What is spilled, each row under the canonical text of its key:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -140,19 +140,24 @@ def scan_users(
                 stop()
             if isinstance(item, Batch):
                 batch = item
+                taken = fastpath.user_rows(batch, plan)
+                lines: Sequence[int] = batch.lines
             else:
                 data, line_no = item
-                text_lines = block_lines(data, plan.name, line_no)
-                taken = fastpath.user_block(text_lines, plan)
-                if taken is not None:
-                    uids, names = taken
-                    lines: list[int] | range = range(line_no, line_no + len(uids))
-                    spill.write(partitions_of(canonical_keys(uids), partitions), uids, names, lines)
-                    result.rows += len(uids)
-                    continue
-                batch = block_batch(plan, data, line_no)
+                taken = fastpath.user_block(block_lines(data, plan.name, line_no), plan)
+                if taken is None:
+                    batch = block_batch(plan, data, line_no)
+                    taken = fastpath.user_rows(batch, plan)
+                    lines = batch.lines
+                else:
+                    lines = range(line_no, line_no + len(taken[0]))
+            if taken is not None:
+                uids, names = taken
+                spill.write(partitions_of(canonical_keys(uids), partitions), uids, names, lines)
+                result.rows += len(uids)
+                continue
             rows, where = _stripped(batch, plan.width, plan.name, log)
-            uids, names, lines = [], [], []
+            uids, names, kept = [], [], []
             for row, line in zip(rows, where, strict=True):
                 try:
                     uids.append(parse_id(row[col_id]))
@@ -160,8 +165,8 @@ def scan_users(
                     log.add(field_error(plan, line, "user_id", exc))
                     continue
                 names.append(row[col_name])
-                lines.append(line)
-            spill.write(partitions_of(canonical_keys(uids), partitions), uids, names, lines)
+                kept.append(line)
+            spill.write(partitions_of(canonical_keys(uids), partitions), uids, names, kept)
             result.rows += len(uids)
     result.errors, result.error_total = log.errors, log.total
     result.spills = {"users": spill.index}
@@ -188,19 +193,23 @@ def scan_experiments(
         for item in _raw_or_batches(plan, part, block, fast):
             if stop is not None:
                 stop()
-            columns = None
             if isinstance(item, Batch):
                 batch = item
+                columns = fastpath.experiment_rows(batch, plan)
+                numbers: Sequence[int] = batch.lines
             else:
                 data, line_no = item
                 columns = fastpath.experiment_block(data)
                 if columns is None:
                     batch = block_batch(plan, data, line_no)
+                    columns = fastpath.experiment_rows(batch, plan)
+                    numbers = batch.lines
                 else:
-                    count = len(columns[0])
-                    lines = _line_texts(range(line_no, line_no + count))
+                    numbers = range(line_no, line_no + len(columns[0]))
             if columns is None:
                 columns, lines = _experiments_slowly(plan, batch, log)
+            else:
+                lines = _line_texts(numbers)
             eids, uids, comps, times = columns
             user_rows = list(map(b",".join, zip(uids, comps, times, lines, strict=True)))
             by_user.write_lines(partitions_of(uids, partitions), user_rows)
@@ -213,7 +222,7 @@ def scan_experiments(
     return result
 
 
-def _line_texts(lines: range | list[int]) -> list[bytes]:
+def _line_texts(lines: Sequence[int]) -> list[bytes]:
     """The numbers as ASCII tokens; a fast-path block's lines are consecutive."""
     if not lines:
         return []
