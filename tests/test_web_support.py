@@ -24,6 +24,7 @@ from service.generate import generate
 from service.settings import Settings
 from service.web.app import create_app
 from service.web.openapi import DOCUMENT
+from service.web.pages import is_page
 
 Client = TestClient[web.Request, web.Application]
 Serve = Callable[..., Awaitable[Client]]
@@ -75,6 +76,8 @@ def contract_check(
     violations: list[str],
 ) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
     async def check(request: web.Request, response: web.StreamResponse) -> None:
+        if is_page(request.path):  # the HTML pages are not part of the JSON API's document
+            return
         resource = request.match_info.route.resource
         body = response.body if isinstance(response, web.Response) else None
         if resource is None:  # no route matched: 404 or 405, always a problem

@@ -19,6 +19,7 @@ from ..db.database import open_pool
 from ..etl import make_executor
 from ..jobs import Runner
 from ..settings import Settings
+from . import pages
 from .auth import bearer_auth
 from .errors import problem_middleware
 from .handlers import routes
@@ -35,7 +36,7 @@ STARTUP_WAIT = 3.0
 
 
 def create_app(settings: Settings) -> web.Application:
-    middlewares: list[Middleware] = [problem_middleware]
+    middlewares: list[Middleware] = [problem_middleware, *pages.middlewares(settings)]
     if settings.api_token:
         middlewares.append(bearer_auth(settings.api_token))
     # Bodies stay as sent: a Content-Encoding other than identity is refused (415), so a
@@ -46,6 +47,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.extend((database, executor, runner))
     app.on_startup.append(announce)
     app.add_routes(routes)
+    pages.setup(app)
     return app
 
 
