@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
+from aiohttp import FormData, web
 from aiohttp.test_utils import TestClient, TestServer
 from jsonschema import Draft202012Validator
 
@@ -140,3 +140,16 @@ def copy_dataset(source: Path, target: Path, old: bytes = b"", new: bytes = b"")
 
 def entries(directory: Path) -> list[Path]:
     return list(directory.iterdir())
+
+
+def sample_upload(sample_dir: Path, **fields: str) -> FormData:
+    form = FormData()
+    for part, name in (
+        ("users", "users.csv"),
+        ("experiments", "user_experiments.csv"),
+        ("compounds", "compounds.csv"),
+    ):
+        form.add_field(part, (sample_dir / name).read_bytes(), filename=name)
+    for key, value in fields.items():
+        form.add_field(key, value)
+    return form

@@ -66,6 +66,10 @@ class SortKey:
     empty: Literal["null", "missing"] | None = None
 
     @property
+    def by_user_id(self) -> bool:
+        return self.column == "user_id"
+
+    @property
     def expression(self) -> str:
         """As ordered, on alias ``x``: text bytewise (the same order on every server, and
         memcmp instead of the locale's collation in the top-N sort)."""
@@ -102,19 +106,20 @@ def _match_clause(table: str, alias: str, first: int) -> str:
 def valued_page(key: SortKey, descending: bool, after: bool, search: str | None) -> str:
     """Users with a value in the sort column, in (value, user_id) order.
 
-    Parameters: $1 limit, then ($2 value, $3 user_id) when ``after``, then either the
+    Parameters: $1 limit, then ($2 value, $3 user_id) when ``after`` ($2 user_id alone
+    when sorting by it), then either the
     matching ids (``search == "ids"``) or the search's id and text (``search == "scan"``).
     """
     direction, compare = ("DESC", "<") if descending else ("ASC", ">")
     col = key.expression
     where = [f"x.{key.column} IS NOT NULL"]
     params = 1
-    single = key.column == "user_id"
-    if after:
-        if single:
-            where.append(f"x.user_id {compare} $3::bigint")
-        else:
-            where.append(f"({col}, x.user_id) {compare} ($2::{key.sql_type}, $3::bigint)")
+    single = key.by_user_id
+    if after and single:
+        where.append(f"x.user_id {compare} $2::bigint")
+        params = 2
+    elif after:
+        where.append(f"({col}, x.user_id) {compare} ($2::{key.sql_type}, $3::bigint)")
         params = 3
     where.extend(_search_clause(key.table, search, params + 1))
     order = f"x.user_id {direction}" if single else f"{col} {direction}, x.user_id {direction}"

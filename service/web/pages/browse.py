@@ -127,7 +127,9 @@ async def _read(conn: Connection, query: Query, limit: int) -> Page:
     picked: list[tuple[int, Any, int]] = []
     if after is None or after.part == 0:
         args: list[Any] = [limit + 1]
-        if after is not None:
+        if after is not None and key.by_user_id:
+            args.append(after.user_id)
+        elif after is not None:
             args += [_sort_value(key, after.value), after.user_id]
         sql = queries.valued_page(key, query.descending, after is not None, search)
         picked = [
