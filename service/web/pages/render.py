@@ -36,7 +36,9 @@ def _number(value: Any, digits: int = 4) -> str:
     if value is None:
         return "—"
     if isinstance(value, float):
-        return f"{value:,.{digits}g}" if abs(value) < 1e-3 and value else f"{value:,.{digits}f}"
+        if value and abs(value) < 10**-digits:
+            return f"{value:.{digits}g}"
+        return f"{value:,.{digits}f}".rstrip("0").rstrip(".")
     return f"{value:,}"
 
 
