@@ -156,23 +156,27 @@ def _search_clause(table: str, search: str | None, first: int) -> list[str]:
     if search is None:
         return []
     if search == "ids":
-        return [f"x.user_id = ANY(${first}::bigint[])"]
+        # A join, not "= ANY": a generic plan would search a long array once per row.
+        return [f"x.user_id IN (SELECT unnest(${first}::bigint[]))"]
     return [_match_clause(table, "x", first)]
 
 
 def export_rows(table: str | None, search: bool) -> str:
     """One batch of an export in user_id order: $1 after this id, $2 rows (then the search).
 
-    ``table`` None exports the joined features (the results page); ``tableoid`` tells the
-    exporter whether a swap replaced the tables between two batches.
+    ``table`` None exports the joined features (the results page): the batch's ids come
+    first, so the join touches those rows only. ``tableoid`` tells the exporter whether a
+    swap replaced the tables between two batches.
     """
     if table is None:
-        where = ["c.user_id > $1"]
-        if search:
-            where.append(_match_clause("experiment_counts", "c", 3))
+        match = f"AND {_match_clause('experiment_counts', 'b', 3)} " if search else ""
+        ids = (
+            f"SELECT b.user_id FROM experiment_counts b WHERE b.user_id > $1 {match}"
+            "ORDER BY b.user_id LIMIT $2"
+        )
         return (
             FEATURES.replace("SELECT ", "SELECT c.tableoid::bigint AS source_table, ", 1)
-            + f"WHERE {' AND '.join(where)} ORDER BY c.user_id LIMIT $2"
+            + f"WHERE c.user_id = ANY(ARRAY({ids})) ORDER BY c.user_id"
         )
     columns = ", ".join(RESULT_TABLES[table])
     return (

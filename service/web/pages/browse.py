@@ -22,7 +22,7 @@ from ..errors import Problem
 
 PAGE_SIZE = 50
 # Below this many matches a search sorts within them; above, it scans in sort order.
-MATCH_CAP = 10_000
+MATCH_CAP = 1_000
 PAGE_TIMEOUT_MS = 5_000
 BIGINT_MAX = 2**63 - 1
 

@@ -197,6 +197,7 @@ async def results_page(request: web.Request) -> web.Response:
         page=page,
         rows=[features_to_json(r) for r in page.rows],
         labels=SORT_LABELS,
+        match_cap=browse.MATCH_CAP,
         last=run_to_json(last) if last is not None else None,
     )
 
