@@ -10,7 +10,7 @@ import os
 import re
 from pathlib import Path
 
-from playwright.async_api import Dialog, expect
+from playwright.async_api import Dialog, Page, expect
 from playwright.async_api import Error as PlaywrightError
 from test_browser_support import Open, Site
 from test_web_support import copy_dataset, wait_for
@@ -31,6 +31,14 @@ async def run_dataset(site: Site, dataset: str = "") -> int:
         run_id = int((await response.json())["id"])
     assert (await wait_for(site.client, run_id, {"succeeded", "failed"}))["status"] == "succeeded"
     return run_id
+
+
+async def results_of_a_run(open_site: Open, path: str = "/ui/results") -> Page:
+    """A tab on the results page after a run of the sample data."""
+    site = await open_site()
+    await run_dataset(site)
+    await site.page.goto(path)
+    return site.page
 
 
 async def upload_sample(site: Site, sample_dir: Path) -> None:
@@ -89,10 +97,7 @@ async def test_a_running_run_shows_a_live_progress_bar_until_it_succeeds(
 
 
 async def test_searching_alice_shows_compound_b(open_site: Open) -> None:
-    site = await open_site()
-    await run_dataset(site)
-    page = site.page
-    await page.goto("/ui/results")
+    page = await results_of_a_run(open_site)
     await page.locator('input[type="search"][name="q"]').fill("Alice")
     await page.keyboard.press("Enter")
     rows = page.locator("table.results tbody tr")
@@ -103,10 +108,7 @@ async def test_searching_alice_shows_compound_b(open_site: Open) -> None:
 
 
 async def test_the_csv_export_holds_what_the_table_shows(open_site: Open) -> None:
-    site = await open_site()
-    await run_dataset(site)
-    page = site.page
-    await page.goto("/ui/results")
+    page = await results_of_a_run(open_site)
     async with page.expect_download() as info:
         await page.get_by_role("link", name="CSV").first.click()
     download = await info.value
@@ -215,11 +217,8 @@ async def test_every_input_has_a_label_and_the_forms_are_reachable_by_keyboard(
 
 async def test_results_page_screenshot_for_the_readme(open_site: Open, tmp_path: Path) -> None:
     """Takes the README's screenshot; UPDATE_SCREENSHOT=1 writes it to docs/."""
-    site = await open_site()
-    await run_dataset(site)
-    await site.page.set_viewport_size({"width": 1200, "height": 820})
-    await site.page.goto("/ui/results?sort=experiment_count&dir=desc")
+    page = await results_of_a_run(open_site, "/ui/results?sort=experiment_count&dir=desc")
+    await page.set_viewport_size({"width": 1200, "height": 820})
     target = SCREENSHOT if os.environ.get("UPDATE_SCREENSHOT") == "1" else tmp_path / "shot.png"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    await site.page.screenshot(path=target, full_page=True)
+    await page.screenshot(path=target, full_page=True)
     assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

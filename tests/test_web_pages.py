@@ -326,3 +326,23 @@ async def test_unknown_pages_and_users_get_html_error_pages(client: Client) -> N
             assert 'class="problem"' in await response.text()
     async with client.get("/runs/999") as response:  # the API still answers problem+json
         assert response.content_type == "application/problem+json"
+
+
+async def test_the_cancel_button_cancels_the_running_run(
+    serve: Serve, big: str, settings: Settings
+) -> None:
+    client = await serve(chunk_bytes=64 * 1024)
+    token = await csrf_of(client, "/ui/runs/new")
+    async with client.post(
+        "/ui/runs/dataset", data={"dataset": big, "csrf_token": token}, allow_redirects=False
+    ) as response:
+        run_path = response.headers["Location"]
+    async with client.get(run_path) as response:
+        body = await response.text()
+    assert "Cancel run" in body and 'data-progress-url="' in body
+    async with client.post(f"{run_path}/cancel", data={"csrf_token": token}) as response:
+        assert response.status == 200  # the run's page, after the redirect
+        assert "⊘</span> cancelled" in await response.text()
+    async with client.post(f"{run_path}/cancel", data={"csrf_token": token}) as response:
+        assert response.status == 409
+        assert "not running" in await response.text()

@@ -43,6 +43,10 @@ class Session:
     def csrf(self) -> str:
         return _sign(self._key, "csrf:" + self.sid)[:32]
 
+    def renewed(self, signed_in: bool) -> Session:
+        """A new session id (at sign-in and sign-out): an id planted earlier is worthless."""
+        return new_session(self._key, signed_in)
+
 
 SESSION = web.RequestKey("session", Session)
 

@@ -22,7 +22,7 @@ from ..keys import POOL, RUNNER, SETTINGS
 from . import browse, charts
 from .export import FEATURE_COLUMNS, stream_export
 from .render import CHART_CACHE, render
-from .session import SESSION, SIGN_IN, check_csrf, new_session, redirect_target, see_other
+from .session import SESSION, SIGN_IN, check_csrf, redirect_target, see_other
 
 pages = web.RouteTableDef()
 
@@ -301,15 +301,14 @@ async def signin(request: web.Request) -> web.Response:
         return render(
             request, "signin.html", status=401, next=target, error="That token is not right."
         )
-    # A new session id at sign-in: a session planted before it is worth nothing after.
-    request[SESSION] = new_session(request[SESSION]._key, signed_in=True)
+    request[SESSION] = request[SESSION].renewed(signed_in=True)
     return see_other(target)
 
 
 @pages.post("/ui/signout")
 async def signout(request: web.Request) -> web.Response:
     await _form(request)
-    request[SESSION] = new_session(request[SESSION]._key, signed_in=False)
+    request[SESSION] = request[SESSION].renewed(signed_in=False)
     return see_other(SIGN_IN if request.app[SETTINGS].api_token else "/")
 
 
