@@ -1,7 +1,8 @@
 """Every error leaves the API as RFC 9457 ``application/problem+json``, from one middleware.
 
 Handlers raise domain exceptions (from ``jobs``) or :class:`Problem`; the router raises
-aiohttp's HTTP exceptions (404, 405); this middleware renders all of them alike.
+aiohttp's HTTP exceptions (404, 405); this middleware renders all of them alike. The
+pages use the same middleware with an HTML renderer (``problem_handler``).
 """
 
 from __future__ import annotations
