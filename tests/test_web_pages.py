@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 import psutil  # type: ignore[import-untyped]
 import pytest
@@ -253,7 +254,7 @@ async def test_exports_stream_every_row_in_batches(client: Client, settings: Set
     assert list(matching[0]) == list(FEATURE_COLUMNS)
 
 
-async def test_a_million_rows_export_with_flat_memory(client: Client, settings: Settings) -> None:
+async def add_a_million_counts(client: Client, settings: Settings) -> None:
     """Rows put straight into the table: this measures the export, not the pipeline."""
     await run_dataset(client)
     conn = await connect(settings)
@@ -265,6 +266,10 @@ async def test_a_million_rows_export_with_flat_memory(client: Client, settings: 
         await conn.execute("ANALYZE experiment_counts")
     finally:
         await conn.close()
+
+
+async def test_a_million_rows_export_with_flat_memory(client: Client, settings: Settings) -> None:
+    await add_a_million_counts(client, settings)
     process = psutil.Process()
     before = process.memory_info().rss
     peak, rows, size = before, 0, 0
@@ -346,3 +351,18 @@ async def test_the_cancel_button_cancels_the_running_run(
     async with client.post(f"{run_path}/cancel", data={"csrf_token": token}) as response:
         assert response.status == 409
         assert "not running" in await response.text()
+
+
+async def test_an_export_is_cut_off_when_a_run_replaces_the_results_midway(
+    client: Client, settings: Settings
+) -> None:
+    """Old rows then new ones would be a file that never existed: the download breaks."""
+    await add_a_million_counts(client, settings)
+    async with client.get("/ui/tables/experiment_counts.csv") as response:
+        first = await response.content.read(1 << 16)
+        assert first.startswith(b"user_id,name,experiment_count")
+        await run_dataset(client)  # swaps in the sample's 10 users while the export waits
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await response.read()
+    async with client.get("/ui/tables/experiment_counts.csv") as response:
+        assert len((await response.text()).splitlines()) == 1 + 10

@@ -183,3 +183,8 @@ def export_rows(table: str | None, search: bool) -> str:
         f"SELECT tableoid::bigint AS source_table, {columns} FROM {table} "
         "WHERE user_id > $1 ORDER BY user_id LIMIT $2"
     )
+
+
+def table_oid(table: str | None) -> str:
+    """The oid the name stands for now (the joined export reads experiment_counts first)."""
+    return f"SELECT '{table or 'experiment_counts'}'::regclass::oid::bigint"

@@ -76,6 +76,9 @@ async def stream_export(
             if len(batch) < BATCH_ROWS:
                 break
             batch = await pool.fetch(sql, batch[-1]["user_id"], BATCH_ROWS, *search)
+            # No rows after a full batch: the end, or new tables without these ids.
+            if not batch and await pool.fetchval(queries.table_oid(table)) != source:
+                raise ResultsReplaced()
     except (ResultsReplaced, asyncpg.PostgresError, OSError) as exc:
         log.warning(
             "export cut off", extra={"event": "export", "path": request.path, "detail": repr(exc)}
