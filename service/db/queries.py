@@ -43,8 +43,9 @@ ORDER BY users DESC, compound_id LIMIT $1
 
 FEATURES_BY_IDS = FEATURES + "WHERE c.user_id = ANY($1::bigint[])"
 
-# The search: a user id (when q is an integer) or a case-insensitive part of the name.
-_MATCH = "({a}.user_id = ${qid}::bigint OR strpos(lower({a}.name), lower(${q}::text)) > 0)"
+# The search: a user id (when q is an integer) or a part of the name, any case (the
+# text comes lowercased: lower() of a parameter would run once per row in a generic plan).
+_MATCH = "({a}.user_id = ${qid}::bigint OR strpos(lower({a}.name), ${q}::text) > 0)"
 # The matching ids, capped: below the cap a page sorts within them; above it the matches
 # are common enough that a scan in sort order finds a page of them quickly.
 MATCHES = (

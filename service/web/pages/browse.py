@@ -69,12 +69,11 @@ class Page:
     broad: bool  # the search was counted and matches more than MATCH_CAP users
 
 
-def search_id(q: str) -> int | None:
-    """The user id a search stands for, when it is one."""
-    digits = q.strip()
-    if digits.isascii() and digits.isdigit() and int(digits) <= BIGINT_MAX:
-        return int(digits)
-    return None
+def search_terms(q: str) -> tuple[int | None, str]:
+    """A search's parameters: the user id it stands for (if any) and its text, lowercased."""
+    text = q.strip()
+    qid = int(text) if text.isascii() and text.isdigit() and int(text) <= BIGINT_MAX else None
+    return qid, text.lower()
 
 
 def _sort_value(key: queries.SortKey, value: Any) -> Any:
@@ -112,7 +111,7 @@ async def _read(conn: Connection, query: Query, limit: int) -> Page:
     matches: int | None = None
     broad = False
     if query.q:
-        qid, text = search_id(query.q), query.q.strip()
+        qid, text = search_terms(query.q)
         search, search_args = "scan", [qid, text]
         # A sort column beside the name (and without an index to mislead the planner)
         # is one scan that filters as it sorts; the others first collect the matches.

@@ -20,7 +20,7 @@ from aiohttp import web
 
 from ...db import queries
 from ...db.database import Pool
-from .browse import search_id
+from .browse import search_terms
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ async def stream_export(
             "Content-Disposition": f'attachment; filename="{name}.{fmt}"',
         }
     )
-    search: list[Any] = [search_id(q), q.strip()] if q.strip() else []
+    search: list[Any] = list(search_terms(q)) if q.strip() else []
     sql = queries.export_rows(table, bool(search))
     writer = _CsvRows(columns) if fmt == "csv" else _JsonRows(columns)
     # The first batch is read before answering, so a database error is still a clean 503.
