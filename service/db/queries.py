@@ -137,14 +137,17 @@ def empty_page(key: SortKey, descending: bool, after: bool, search: str | None) 
     :func:`valued_page`.
     """
     direction, compare = ("DESC", "<") if descending else ("ASC", ">")
+    bound = f"{compare} $2::bigint" if after else ""
     if key.empty == "null":
         table, where = key.table, [f"x.{key.column} IS NULL"]
     else:
+        # The bound repeated inside lets a merge anti join start at it, not at id 0.
+        inner = f" AND t.user_id {bound}" if after else ""
         table = "experiment_counts"
-        where = [f"NOT EXISTS (SELECT 1 FROM {key.table} t WHERE t.user_id = x.user_id)"]
+        where = [f"NOT EXISTS (SELECT 1 FROM {key.table} t WHERE t.user_id = x.user_id{inner})"]
     params = 1
     if after:
-        where.append(f"x.user_id {compare} $2::bigint")
+        where.append(f"x.user_id {bound}")
         params = 2
     where.extend(_search_clause(table, search, params + 1))
     return (
