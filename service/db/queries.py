@@ -2,7 +2,7 @@
 
 The results table is paged by keyset (sort value, user_id) over the one table that holds
 the sort column, without indexes beyond the primary keys: every page is one bounded,
-parallel top-N scan (tens of ms at 1M users), and the load builds nothing extra.
+parallel top-N scan (README: figures at 1M users), and the load builds nothing extra.
 Statements are put together only from the fixed names below, never from request text.
 """
 
