@@ -366,3 +366,16 @@ async def test_an_export_is_cut_off_when_a_run_replaces_the_results_midway(
             await response.read()
     async with client.get("/ui/tables/experiment_counts.csv") as response:
         assert len((await response.text()).splitlines()) == 1 + 10
+
+
+async def test_search_folds_ascii_letters_and_matches_others_as_typed(
+    client: Client, settings: Settings, sample_dir: Path
+) -> None:
+    from service.db.database import open_pool
+
+    copy_dataset(sample_dir, sample_dir / "accents", b"Bob", "Émile".encode())
+    await run_dataset(client, "accents")
+    async with open_pool(settings) as pool:
+        for q, found in (("ÉMILE", [2]), ("Émile", [2]), ("mIl", [2]), ("émile", []), ("2", [2])):
+            page = await browse.read_page(pool, browse.Query(q=q))
+            assert [r["user_id"] for r in page.rows] == found, q

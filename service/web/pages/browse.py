@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import string
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,11 +70,15 @@ class Page:
     broad: bool  # the search was counted and matches more than MATCH_CAP users
 
 
+ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+
+
 def search_terms(q: str) -> tuple[int | None, str]:
-    """A search's parameters: the user id it stands for (if any) and its text, lowercased."""
+    """A search's parameters: the user id it stands for (if any), and its text with A-Z
+    folded to a-z, as the SQL folds the names (queries._MATCH)."""
     text = q.strip()
     qid = int(text) if text.isascii() and text.isdigit() and int(text) <= BIGINT_MAX else None
-    return qid, text.lower()
+    return qid, text.translate(ASCII_LOWER)
 
 
 def _sort_value(key: queries.SortKey, value: Any) -> Any:
