@@ -101,11 +101,13 @@ async def read_page(pool: Pool, query: Query, limit: int = PAGE_SIZE) -> Page:
         try:
             return await _read(conn, query, limit)
         except asyncpg.QueryCanceledError:
+            what = f"sorting every match of {query.q!r}" if query.q else "this page"
             raise Problem(
                 503,
-                f"sorting every match of {query.q!r} by this column took too long; "
+                f"{what} took longer than {PAGE_TIMEOUT_MS / 1000:g} s; "
                 "narrow the search or sort by user id",
-                title="Search too broad",
+                title="Page too slow",
+                headers={"Retry-After": "5"},
             ) from None
 
 
