@@ -13,7 +13,7 @@ from pathlib import Path
 from playwright.async_api import Dialog, Page, expect
 from playwright.async_api import Error as PlaywrightError
 from test_browser_support import Open, Site
-from test_web_support import copy_dataset, wait_for
+from test_web_support import copy_dataset, run_to_the_end
 
 pytest_plugins = ["test_web_support", "test_browser_support"]
 
@@ -26,17 +26,10 @@ SAMPLE_FILES = {
 SCREENSHOT = ROOT / "docs" / "results-page.png"
 
 
-async def run_dataset(site: Site, dataset: str = "") -> int:
-    async with site.client.post("/runs", json={"dataset": dataset}) as response:
-        run_id = int((await response.json())["id"])
-    assert (await wait_for(site.client, run_id, {"succeeded", "failed"}))["status"] == "succeeded"
-    return run_id
-
-
 async def results_of_a_run(open_site: Open, path: str = "/ui/results") -> Page:
     """A tab on the results page after a run of the sample data."""
     site = await open_site()
-    await run_dataset(site)
+    await run_to_the_end(site.client)
     await site.page.goto(path)
     return site.page
 
@@ -131,7 +124,7 @@ async def test_a_user_named_script_is_shown_as_text_and_no_dialog_opens(
 ) -> None:
     copy_dataset(sample_dir, sample_dir / "evil", b"Alice", b"<script>alert(1)</script>")
     site = await open_site()
-    await run_dataset(site, "evil")
+    await run_to_the_end(site.client, "evil")
     dialogs: list[Dialog] = []
     site.page.on("dialog", lambda dialog: dialogs.append(dialog))
     for path in ("/ui/results", "/ui/users/1", "/ui/results?q=script"):

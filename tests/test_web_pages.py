@@ -13,7 +13,14 @@ import aiohttp
 import asyncpg
 import psutil  # type: ignore[import-untyped]
 import pytest
-from test_web_support import Client, Serve, copy_dataset, sample_upload, wait_for
+from test_web_support import (
+    Client,
+    Serve,
+    copy_dataset,
+    run_to_the_end,
+    sample_upload,
+    wait_for,
+)
 
 from service.generate import generate
 from service.settings import Settings
@@ -34,15 +41,6 @@ async def csrf_of(client: Client, path: str) -> str:
     return found.group(1)
 
 
-async def run_dataset(client: Client, dataset: str = "") -> dict[str, Any]:
-    async with client.post("/runs", json={"dataset": dataset}) as response:
-        assert response.status == 202, await response.text()
-        run = await response.json()
-    done = await wait_for(client, run["id"], {"succeeded", "failed"})
-    assert done["status"] == "succeeded", done
-    return done
-
-
 async def connect(settings: Settings) -> asyncpg.Connection[asyncpg.Record]:
     return await asyncpg.connect(
         settings.database_url, server_settings={"search_path": settings.db_schema or "public"}
@@ -53,7 +51,7 @@ async def test_pages_send_a_strict_csp_and_escape_what_the_csv_files_say(
     client: Client, sample_dir: Path
 ) -> None:
     copy_dataset(sample_dir, sample_dir / "evil", b"Alice", SCRIPT_NAME.encode())
-    await run_dataset(client, "evil")
+    await run_to_the_end(client, "evil")
     for path in ("/", "/ui/results", "/ui/users/1", "/ui/charts", "/ui/runs/new"):
         async with client.get(path) as response:
             assert response.status == 200, path
@@ -131,7 +129,7 @@ async def test_sign_in_gives_an_httponly_strict_cookie_and_the_api_keeps_bearer(
 async def many_users(settings: Settings, client: Client) -> list[dict[str, Any]]:
     """A generated dataset of 300 users, loaded; its features as the JSON API shows them."""
     generate(settings.data_dir / "many", users=300, experiments=500, compounds=40)
-    await run_dataset(client, "many")
+    await run_to_the_end(client, "many")
     conn = await connect(settings)
     try:
         ids = [r["user_id"] for r in await conn.fetch("SELECT user_id FROM experiment_counts")]
@@ -230,7 +228,7 @@ async def test_exports_stream_every_row_in_batches(client: Client, settings: Set
     generate(
         settings.data_dir / "batches", users=BATCH_ROWS * 2 + 7, experiments=20_000, compounds=50
     )
-    await run_dataset(client, "batches")
+    await run_to_the_end(client, "batches")
     conn = await connect(settings)
     try:
         counts = await conn.fetch("SELECT * FROM experiment_counts ORDER BY user_id")
@@ -256,7 +254,7 @@ async def test_exports_stream_every_row_in_batches(client: Client, settings: Set
 
 async def add_a_million_counts(client: Client, settings: Settings) -> None:
     """Rows put straight into the table: this measures the export, not the pipeline."""
-    await run_dataset(client)
+    await run_to_the_end(client)
     conn = await connect(settings)
     try:
         await conn.execute(
@@ -286,7 +284,7 @@ async def test_a_million_rows_export_with_flat_memory(client: Client, settings: 
 
 
 async def test_charts_are_inline_svg_with_their_numbers(client: Client) -> None:
-    await run_dataset(client)
+    await run_to_the_end(client)
     async with client.get("/ui/charts") as response:
         body = await response.text()
     assert body.count("<svg") == 3
@@ -314,7 +312,7 @@ async def test_run_page_shows_stats_phases_and_pages_of_errors(
     assert "page 1 of 2" in body
     async with client.get(f"/ui/runs/{run['id']}", params={"errors_page": "2"}) as response:
         assert (await response.text()).count("<tr><td>user_experiments.csv</td>") == 5
-    ok = await run_dataset(client)
+    ok = await run_to_the_end(client)
     async with client.get(f"/ui/runs/{ok['id']}") as response:
         body = await response.text()
     assert "Time per phase" in body and "<td>read</td>" in body
@@ -361,7 +359,7 @@ async def test_an_export_is_cut_off_when_a_run_replaces_the_results_midway(
     async with client.get("/ui/tables/experiment_counts.csv") as response:
         first = await response.content.read(1 << 16)
         assert first.startswith(b"user_id,name,experiment_count")
-        await run_dataset(client)  # swaps in the sample's 10 users while the export waits
+        await run_to_the_end(client)  # swaps in the sample's 10 users while the export waits
         with pytest.raises(aiohttp.ClientPayloadError):
             await response.read()
     async with client.get("/ui/tables/experiment_counts.csv") as response:
@@ -374,7 +372,7 @@ async def test_search_folds_ascii_letters_and_matches_others_as_typed(
     from service.db.database import open_pool
 
     copy_dataset(sample_dir, sample_dir / "accents", b"Bob", "Émile".encode())
-    await run_dataset(client, "accents")
+    await run_to_the_end(client, "accents")
     async with open_pool(settings) as pool:
         for q, found in (("ÉMILE", [2]), ("Émile", [2]), ("mIl", [2]), ("émile", []), ("2", [2])):
             page = await browse.read_page(pool, browse.Query(q=q))

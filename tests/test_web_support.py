@@ -128,6 +128,26 @@ async def wait_for(client: Client, run_id: int, statuses: set[str]) -> dict[str,
         raise AssertionError(f"run {run_id} still {run.get('status')}") from None
 
 
+async def run_to_the_end(client: Client, dataset: str = "") -> dict[str, Any]:
+    """Run a dataset through the API until it succeeded and its runner is idle again.
+
+    The status turns succeeded inside the swap transaction; the runner still drops the
+    replaced tables and releases its connections after that, which a test ending at once
+    would cut short.
+    """
+    async with client.post("/runs", json={"dataset": dataset}) as response:
+        assert response.status == 202, await response.text()
+        run = await response.json()
+    done = await wait_for(client, run["id"], {"succeeded", "failed"})
+    assert done["status"] == "succeeded", done
+    async with asyncio.timeout(RUN_TIMEOUT):
+        while True:
+            async with client.get("/metrics") as response:
+                if "etl_run_in_progress 0.0" in await response.text():
+                    return done
+            await asyncio.sleep(0.02)
+
+
 def copy_dataset(source: Path, target: Path, old: bytes = b"", new: bytes = b"") -> Path:
     """A copy of a dataset's files, with ``old`` replaced by ``new`` in them."""
     target.mkdir(parents=True)
