@@ -16,6 +16,7 @@ from test_web_support import (
     copy_dataset,
     entries,
     problem,
+    sample_upload,
     wait_for,
 )
 
@@ -32,19 +33,6 @@ async def count_runs(settings: Settings) -> int:
         return int(await conn.fetchval("SELECT count(*) FROM etl_runs"))
     finally:
         await conn.close()
-
-
-def sample_upload(sample_dir: Path, **fields: str) -> FormData:
-    form = FormData()
-    for part, name in (
-        ("users", "users.csv"),
-        ("experiments", "user_experiments.csv"),
-        ("compounds", "compounds.csv"),
-    ):
-        form.add_field(part, (sample_dir / name).read_bytes(), filename=name)
-    for key, value in fields.items():
-        form.add_field(key, value)
-    return form
 
 
 async def test_run_is_accepted_polled_to_success_and_features_served(client: Client) -> None:

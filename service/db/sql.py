@@ -168,7 +168,8 @@ LAST_SUCCESS = """
 SELECT * FROM etl_runs WHERE status = 'succeeded' ORDER BY finished_at DESC LIMIT 1
 """
 
-USER_FEATURES = """
+# Users' features from the three tables; the pages add their own WHERE (queries.py).
+FEATURES = """
 SELECT c.user_id, c.name, c.experiment_count,
        a.average_experiments, a.average_run_time,
        t.compound_id, t.compound_name, t.compound_structure,
@@ -176,8 +177,8 @@ SELECT c.user_id, c.name, c.experiment_count,
 FROM experiment_counts c
 JOIN experiment_averages a USING (user_id)
 LEFT JOIN top_compounds t USING (user_id)
-WHERE c.user_id = $1
 """
+USER_FEATURES = FEATURES + "WHERE c.user_id = $1"
 
 
 def select_rows(table: str) -> str:

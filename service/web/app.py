@@ -20,6 +20,7 @@ from ..jobs import Runner
 from ..recovery import bootstrap, reap_forever
 from ..settings import Settings
 from ..workers import WorkerPool
+from . import pages
 from .auth import bearer_auth
 from .errors import problem_middleware
 from .handlers import routes
@@ -36,7 +37,7 @@ STARTUP_WAIT = 3.0
 
 
 def create_app(settings: Settings) -> web.Application:
-    middlewares: list[Middleware] = [problem_middleware]
+    middlewares: list[Middleware] = [problem_middleware, *pages.middlewares(settings)]
     if settings.api_token:
         middlewares.append(bearer_auth(settings.api_token))
     # Bodies stay as sent: a Content-Encoding other than identity is refused (415), so a
@@ -47,6 +48,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.extend((database, executor, runner))
     app.on_startup.append(announce)
     app.add_routes(routes)
+    pages.setup(app)
     return app
 
 

@@ -8,6 +8,7 @@ from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
 
 from .errors import Problem
+from .pages.session import is_page
 
 # Probes and scrapers carry no credentials; these answer nothing sensitive.
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
@@ -19,7 +20,8 @@ def bearer_auth(token: str) -> Middleware:
 
     @web.middleware
     async def check_token(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path not in OPEN_PATHS:
+        # The pages sign in with a session cookie instead (pages.session).
+        if request.path not in OPEN_PATHS and not is_page(request.path):
             scheme, _, given = request.headers.get(hdrs.AUTHORIZATION, "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(
                 given.strip().encode(), expected

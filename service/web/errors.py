@@ -1,18 +1,20 @@
 """Every error leaves the API as RFC 9457 ``application/problem+json``, from one middleware.
 
 Handlers raise domain exceptions (from ``jobs``) or :class:`Problem`; the router raises
-aiohttp's HTTP exceptions (404, 405); this middleware renders all of them alike.
+aiohttp's HTTP exceptions (404, 405); this middleware renders all of them alike. The
+pages use the same middleware with an HTML renderer (``problem_handler``).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 
 import asyncpg
 from aiohttp import web
-from aiohttp.typedefs import Handler
+from aiohttp.typedefs import Handler, Middleware
 
 from ..jobs import (
     DatabaseUnavailable,
@@ -142,20 +144,35 @@ def from_http(request: web.Request, exc: web.HTTPException) -> Problem:
     return Problem(exc.status, detail, title=exc.reason, headers=headers)
 
 
-@web.middleware
-async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except Problem as exc:
-        problem = exc
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        problem = from_http(request, exc)
-    except Exception as exc:
-        found = from_domain(exc)
-        if found is None:
-            log.exception("unhandled error", extra={"path": request.path})
-            found = Problem(500, "an unexpected error occurred; see the server log")
-        problem = found
-    return problem.response(request)
+Render = Callable[[web.Request, Problem], web.StreamResponse]
+
+
+def problem_handler(render: Render, applies: Callable[[web.Request], bool]) -> Middleware:
+    """A middleware turning every error of the requests it ``applies`` to into ``render``."""
+
+    @web.middleware
+    async def problems(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not applies(request):
+            return await handler(request)
+        try:
+            return await handler(request)
+        except Problem as exc:
+            problem = exc
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            problem = from_http(request, exc)
+        except Exception as exc:
+            found = from_domain(exc)
+            if found is None:
+                log.exception("unhandled error", extra={"path": request.path})
+                found = Problem(500, "an unexpected error occurred; see the server log")
+            problem = found
+        return render(request, problem)
+
+    return problems
+
+
+problem_middleware = problem_handler(
+    lambda request, problem: problem.response(request), lambda request: True
+)

@@ -57,6 +57,13 @@ async def read_run_request(request: web.Request, settings: Settings) -> RunReque
     dataset = fields.get("dataset")
     if dataset is None:
         dataset = request.query.get("dataset", "")
+    return await dataset_request(settings, dataset, options, key)
+
+
+async def dataset_request(
+    settings: Settings, dataset: object, options: RunOptions, key: str | None = None
+) -> RunRequest:
+    """A run of a dataset under the data directory (the API's JSON body, the pages' form)."""
     if not isinstance(dataset, str):
         raise Problem(422, "dataset must be a string")
     path, name = await asyncio.to_thread(resolve_dataset, settings.data_dir, dataset)
@@ -121,6 +128,27 @@ def resolve_dataset(data_dir: Path, name: str) -> tuple[Path, str]:
         if entry.is_symlink() and not entry.resolve().is_relative_to(root):
             raise Problem(400, f"dataset {name!r} links to files outside the data directory")
     return path, path.relative_to(root).as_posix()
+
+
+def list_datasets(data_dir: Path, depth: int = 2, limit: int = 200) -> list[str]:
+    """Dataset names the pages offer: directories under the data dir holding a users file."""
+    root = data_dir.resolve()
+    users_file = UPLOAD_FILES["users"]
+    found: list[str] = []
+    level = [root]
+    for _ in range(depth + 1):
+        following: list[Path] = []
+        for directory in level:
+            if (directory / users_file).is_file():
+                found.append(directory.relative_to(root).as_posix())
+            try:
+                following += sorted(
+                    d for d in directory.iterdir() if d.is_dir() and not d.is_symlink()
+                )
+            except OSError:
+                continue
+        level = following
+    return found[:limit]
 
 
 async def _json_fields(request: web.Request) -> dict[str, Any]:
