@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import itertools
 import math
 import random
 import re
