@@ -1,20 +1,21 @@
 """Phase 2 on hand-made spill files: each partition's checks and results are the rules'.
 
 Spill files are written the way the scans write them (canonical user ids, compound lists
-and run times as phase 1 leaves them, line numbers last), in many small pieces, so that a
-partition can be cut into slices anywhere a real one can.
+and run times as phase 1 leaves them, line numbers last), in many small flushes
+(``BUFFER_BYTES`` forced small), so that a partition has many byte ranges and can be cut
+into slices anywhere a real one can.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import gc
-import itertools
 import math
 import random
 import re
 import tempfile
 import tracemalloc
+from array import array
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -44,7 +45,7 @@ from service.pipeline.aggregate import (
 from service.pipeline.csvfile import EXPERIMENTS, USERS, FilePlan, plan_file
 from service.pipeline.errors import MAX_REPORTED_ERRORS, RowError
 from service.pipeline.fields import BIGINT_MAX
-from service.pipeline.spill import ColumnSpill, LineSpill, Piece
+from service.pipeline.spill import ColumnSpill, Extent, LineSpill
 from service.settings import Settings
 
 T = TypeVar("T")
@@ -52,20 +53,43 @@ Experiment = tuple[int, str, str]  # user id, compound list, run time: as phase 
 
 
 @contextmanager
-def scratch(piece_bytes: int = spill.PIECE_BYTES) -> Iterator[Path]:
-    """A fresh directory for one example's spill files, pieces of ``piece_bytes``."""
+def scratch(buffer_bytes: int = spill.BUFFER_BYTES) -> Iterator[Path]:
+    """A fresh directory for one example's spill files, flushed every ``buffer_bytes``."""
     with pytest.MonkeyPatch.context() as patch, tempfile.TemporaryDirectory() as tmp:
-        patch.setattr(spill, "PIECE_BYTES", piece_bytes)
+        patch.setattr(spill, "BUFFER_BYTES", buffer_bytes)
         yield Path(tmp)
 
 
-def line_pieces(directory: Path, name: str, lines: Sequence[str], batch: int = 7) -> list[Piece]:
+def line_extents(directory: Path, name: str, lines: Sequence[str], batch: int = 7) -> list[Extent]:
     """Spill lines to one partition, a few per write like a scan's blocks."""
     with LineSpill(directory, name, 1) as out:
         for i in range(0, len(lines), batch):
             chunk = [t.encode() for t in lines[i : i + batch]]
             out.write_lines([0] * len(chunk), chunk)
-    return out.pieces[0]
+    return etl._extents([out.index], 0)
+
+
+def ranges(extents: Sequence[Extent]) -> int:
+    """How many byte ranges these extents hold."""
+    return sum(len(e.starts) for e in extents)
+
+
+def cut(extents: Sequence[Extent], at: Iterable[int]) -> list[list[Extent]]:
+    """The byte ranges of ``extents``, in order, cut before each range number in ``at``."""
+    runs: list[list[Extent]] = [[]]
+    cuts = sorted(set(at))
+    done = 0  # byte ranges before ``rest``
+    for extent in extents:
+        rest = extent
+        while cuts and cuts[0] < done + len(rest.starts):
+            head, rest = rest.split(cuts.pop(0) - done)
+            done += len(head.starts)
+            if head.starts:
+                runs[-1].append(head)
+            runs.append([])
+        done += len(rest.starts)
+        runs[-1].append(rest)
+    return runs + [[] for _ in cuts]  # cuts past the end: empty slices
 
 
 def plans(directory: Path) -> tuple[FilePlan, FilePlan]:
@@ -102,8 +126,8 @@ def partition_job(
     where = range(2, 2 + len(experiments)) if lines is None else lines
     texts = [f"{u},{c},{t},{n}" for (u, c, t), n in zip(experiments, where, strict=True)]
     return PartitionJob(
-        users_spill.pieces[0],
-        line_pieces(directory, "experiments", texts, batch),
+        etl._extents([users_spill.index], 0),
+        line_extents(directory, "experiments", texts, batch),
         max(1, len(experiments) - len(rejected)),
         compounds_file,
         users_plan,
@@ -150,13 +174,6 @@ def test_rounded_floats_are_summed_as_floats() -> None:
     assert result.rows.averages == [(1, "a", 1.0, float(2**53))]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=OverflowError,
-    reason="fsum of finite run times past float's range overflows: two run times of 1e308"
-    " (valid fields) fail the run with 'OverflowError: intermediate overflow in fsum' and"
-    " a traceback, instead of a mean of 1e308 or an error naming the user's rows",
-)
 def test_run_times_whose_sum_is_past_float_range_still_have_a_mean() -> None:
     with scratch() as directory:
         job = partition_job(directory, [(1, "a")], [(1, "1", "1e308")] * 2)
@@ -260,10 +277,9 @@ def summary(result: PartitionResult) -> tuple[Any, ...]:
 
 
 def in_slices(job: PartitionJob, cuts: Iterable[int]) -> PartitionResult:
-    """The partition cut before each of these pieces, its slices aggregated and merged."""
-    pieces = list(job.experiments)
-    at = sorted(set(cuts))
-    slices = [pieces[a:b] for a, b in zip([0, *at], [*at, len(pieces)], strict=True)]
+    """The partition cut before each of these byte ranges, its slices aggregated and merged."""
+    slices = cut(job.experiments, cuts)
+    assert len(slices) == len(set(cuts)) + 1
     states = [aggregate_slice(dataclasses.replace(job, experiments=s)) for s in slices]
     return merge_slices(job, states)
 
@@ -274,10 +290,10 @@ def test_slices_merge_into_the_whole_partitions_rows_and_errors(
     partition: Partition, data: st.DataObject
 ) -> None:
     users, experiments, rejected, compounds = partition
-    with scratch(piece_bytes=50) as directory:
+    with scratch(buffer_bytes=50) as directory:
         job = partition_job(directory, users, experiments, compounds, rejected=rejected, batch=3)
         whole = aggregate_partition(job)
-        last = max(1, len(job.experiments) - 1)
+        last = max(1, ranges(job.experiments) - 1)
         merged = in_slices(job, data.draw(st.sets(st.integers(1, last))))
     assert by_user(whole) == obvious_rows(
         users, experiments, rejected, compounds, job.total_experiments
@@ -335,17 +351,17 @@ def test_an_unknown_compound_is_named_first_of_its_list() -> None:
     assert result.rows.tops == [(5, 1, "name 1", "C1", 1, 2)]
 
 
-def id_pieces(directory: Path, eids: Sequence[int], lines: Sequence[int]) -> list[Piece]:
+def id_extents(directory: Path, eids: Sequence[int], lines: Sequence[int]) -> list[Extent]:
     """An experiment-id partition's spill: ``experiment_id,line``."""
     texts = [f"{e},{n}" for e, n in zip(eids, lines, strict=True)]
-    return line_pieces(directory, "ids", texts, batch=3)
+    return line_extents(directory, "ids", texts, batch=3)
 
 
 def test_lines_the_id_check_rejects_are_left_out_of_the_partition() -> None:
-    with scratch(piece_bytes=20) as directory:
+    with scratch(buffer_bytes=20) as directory:
         eids = [123, 7, 123, 8, 7]  # lines 2..6
         experiments = [(5, "1", "10"), (5, "2", "20"), (6, "3", "30"), (6, "3", "40"), (5, "", "1")]
-        check = check_experiment_ids(id_pieces(directory, eids, range(2, 7)), plans(directory)[1])
+        check = check_experiment_ids(id_extents(directory, eids, range(2, 7)), plans(directory)[1])
         job = partition_job(
             directory, [(5, "Ann"), (6, "Bob")], experiments, rejected=frozenset(check.rejected)
         )
@@ -381,11 +397,11 @@ def expected_repeats(eids: Sequence[int], lines: Sequence[int]) -> list[tuple[in
 def test_every_repeated_experiment_id_names_its_first_line(
     eids: list[int], rng: random.Random
 ) -> None:
-    """Lines in any order in the pieces (scans of several ranges): the first is by line."""
+    """Lines in any order in the spill (scans of several ranges): the first is by line."""
     lines = list(range(2, 2 + len(eids)))
     rng.shuffle(lines)
-    with scratch(piece_bytes=20) as directory:
-        check = check_experiment_ids(id_pieces(directory, eids, lines), plans(directory)[1])
+    with scratch(buffer_bytes=20) as directory:
+        check = check_experiment_ids(id_extents(directory, eids, lines), plans(directory)[1])
     repeats = expected_repeats(eids, lines)
     assert [(e.line, e.column, e.message) for e in check.log.errors] == [
         (line, 1, f"duplicate experiment_id {eid} (first on line {first})")
@@ -399,12 +415,12 @@ def test_the_first_hundred_errors_are_the_smallest_lines_and_the_total_counts_al
     rng = random.Random(3)
     lines = list(range(2, 402))
     rng.shuffle(lines)  # written out of line order, as several ranges' scans may
-    with scratch(piece_bytes=100) as directory:
-        check = check_experiment_ids(id_pieces(directory, [1] * 400, lines), plans(directory)[1])
+    with scratch(buffer_bytes=100) as directory:
+        check = check_experiment_ids(id_extents(directory, [1] * 400, lines), plans(directory)[1])
         experiments = [(9 if n % 2 else 5, "1", "1") for n in lines]  # 200 of user 9: unknown
         job = partition_job(directory, [(5, "Ann")], experiments, lines=lines)
         whole = aggregate_partition(job)
-        quarter = len(job.experiments) // 4
+        quarter = ranges(job.experiments) // 4
         assert quarter > 5
         # Small slices, then one with more than a hundred errors of its own.
         merged = in_slices(job, [*range(1, quarter, 3), quarter])
@@ -416,13 +432,6 @@ def test_the_first_hundred_errors_are_the_smallest_lines_and_the_total_counts_al
         assert (result.log.total, result.rejected) == (200, 200)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="a partition keeps its 100 smallest errors by line whatever the file, so a"
-    " duplicate user_id past line 112 of users.csv is dropped by 150 unknown-user errors on"
-    " experiment lines 13..162 in the same partition, though users.csv errors come first",
-)
 async def test_a_partitions_errors_are_kept_file_by_file(
     settings: Settings, sample_dir: Path
 ) -> None:
@@ -462,8 +471,8 @@ def random_experiments(rng: random.Random, uids: Sequence[int], count: int) -> l
     ]
 
 
-def spilled_bytes(pieces: Sequence[Piece]) -> int:
-    return sum(p.length for p in pieces)
+def spilled_bytes(extents: Sequence[Extent]) -> int:
+    return sum(e.size for e in extents)
 
 
 def test_a_hot_user_does_not_grow_a_tasks_peak_memory() -> None:
@@ -473,14 +482,14 @@ def test_a_hot_user_does_not_grow_a_tasks_peak_memory() -> None:
     user's experiments, and every task of a partition ten times as large (most of it one
     user's) split by the pipeline's ``_slices``, peak within 1.5x of it byte for byte,
     where that partition aggregated whole peaks past 4.5x. (Byte for byte: ``_slices``
-    makes runs of at least its size, up to a piece more, and a short tail joins the last
-    run, so a slice may hold up to ~1.7x the size asked for.)
+    makes runs of at least its size, up to a byte range (a flush) more, and a short tail
+    joins the last run, so a slice may hold up to ~1.7x the size asked for.)
     """
     rng = random.Random(7)
     users = [(u, f"user {u}") for u in rng.sample(range(10**9, 10**10), 600)]
     hot, others = users[0][0], [u for u, _ in users[1:301]]  # 300 idle users too
     normal_rows = random_experiments(rng, others, 3000)
-    with scratch(piece_bytes=16 << 10) as directory:
+    with scratch(buffer_bytes=16 << 10) as directory:
         for sub in ("normal", "hot", "big"):
             (directory / sub).mkdir()
         normal = partition_job(directory / "normal", users, normal_rows, CATALOGUE, batch=200)
@@ -488,8 +497,8 @@ def test_a_hot_user_does_not_grow_a_tasks_peak_memory() -> None:
         aggregate_partition(normal)  # loads the compounds: not part of a task's own peak
         _, normal_peak = traced_peak(aggregate_partition, normal)
 
-        def bound(pieces: Sequence[Piece]) -> float:
-            return 1.5 * normal_peak * max(1.0, spilled_bytes(pieces) / size)
+        def bound(extents: Sequence[Extent]) -> float:
+            return 1.5 * normal_peak * max(1.0, spilled_bytes(extents) / size)
 
         hot_rows = random_experiments(rng, [hot], 3000)
         hot_slice = partition_job(directory / "hot", users, hot_rows, batch=200)
@@ -505,11 +514,11 @@ def test_a_hot_user_does_not_grow_a_tasks_peak_memory() -> None:
         slices = etl._slices(big.experiments, size)
         assert len(slices) >= 8
         states = []
-        for pieces in slices:
-            assert spilled_bytes(pieces) < 2 * size
-            part = dataclasses.replace(big, experiments=pieces)
+        for extents in slices:
+            assert spilled_bytes(extents) < 2 * size
+            part = dataclasses.replace(big, experiments=extents)
             state, peak = traced_peak(aggregate_slice, part)
-            assert peak < bound(pieces)
+            assert peak < bound(extents)
             states.append(state)
         _, peak = traced_peak(merge_slices, big, states)
         assert peak < bound(())
@@ -517,32 +526,57 @@ def test_a_hot_user_does_not_grow_a_tasks_peak_memory() -> None:
         assert whole_peak > 3 * bound(())
 
 
-SLICES_BUG = (
-    "etl._slices merges a short last run with `runs[-2] += runs.pop()`, which stores the"
-    " merged run at the new runs[-2] after the pop: with two runs it raises IndexError (the"
-    " run fails), with three or more the run before the merged one is lost and the merged"
-    " one is aggregated twice (wrong counts, means and top compounds, and the run succeeds)"
-)
+def byte_ranges(extents: Iterable[Extent]) -> list[tuple[Path, int, int]]:
+    return [
+        (e.path, start, end) for e in extents for start, end in zip(e.starts, e.ends, strict=True)
+    ]
 
 
-@pytest.mark.xfail(strict=True, reason=SLICES_BUG)
-@given(st.lists(st.integers(1, 100), max_size=30), st.integers(1, 300))
-@example([10] * 7, 30)  # runs of 30, 30 and 10: the 10 goes with the run before it
-@example([10] * 3, 20)  # runs of 20 and 10
-def test_slices_hold_every_piece_once_in_order(lengths: list[int], size: int) -> None:
-    offsets = [0, *itertools.accumulate(lengths)]
-    pieces = [Piece(Path("spill"), at, n) for at, n in zip(offsets, lengths, strict=False)]
-    slices = etl._slices(pieces, size)
-    assert [p for run in slices for p in run] == pieces
+def file_extents(files: Sequence[Sequence[int]]) -> list[Extent]:
+    """One partition's extents in several spill files: byte ranges of these lengths, with
+    other partitions' bytes between them."""
+    extents = []
+    for i, lengths in enumerate(files):
+        starts, ends = array("q"), array("q")
+        at = 3 * i
+        for n in lengths:
+            starts.append(at)
+            ends.append(at + n)
+            at += n + 11
+        extents.append(Extent(Path(f"spill-{i}"), starts, ends))
+    return extents
+
+
+# A partition's byte ranges in each file: some may be empty (a flush held none of its
+# rows), never all of one file's (SpillIndex.extent gives None then).
+FILE_RANGES = st.lists(st.integers(0, 100), min_size=1, max_size=12).filter(any)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(FILE_RANGES, max_size=5), st.integers(1, 300))
+@example([[10] * 7], 30)  # runs of 30, 30 and 10: the 10 goes with the run before it
+@example([[10] * 3], 20)  # runs of 20 and 10
+@example([[10] * 5, [10] * 4], 20)  # a run across two files; 10 left over
+def test_slices_hold_every_byte_range_once_in_order(files: list[list[int]], size: int) -> None:
+    """Runs cut between byte ranges: every range once, in order; each run but the last of
+    at least ``size`` bytes and under ``size`` before its last range; a last run of at
+    least half of ``size`` (a shorter one joins the run before)."""
+    extents = file_extents(files)
+    slices = etl._slices(extents, size)
+    assert byte_ranges(e for run in slices for e in run) == byte_ranges(extents)
     assert all(slices[:-1]) and (len(slices) == 1 or slices[-1])
-    assert all(spilled_bytes(run) >= size for run in slices[:-1])
+    assert all(e.starts for run in slices for e in run)  # no empty extent in a task
+    for run in slices[:-1]:
+        lengths = [end - start for _, start, end in byte_ranges(run)]
+        assert sum(lengths) >= size
+        assert sum(lengths) - lengths[-1] < size
+    assert len(slices) == 1 or spilled_bytes(slices[-1]) >= size // 2
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=SLICES_BUG)
 async def test_a_split_partition_gives_the_rules_results(
     settings: Settings, sample_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """One user with 60% of the experiments; small pieces, any partition past twice the
+    """One user with 60% of the experiments; small flushes, any partition past twice the
     average split: the loaded tables are the obvious reading's."""
     generate(sample_dir, users=300, experiments=3000, compounds=40, seed=1)
     path = sample_dir / EXPERIMENTS_CSV
@@ -551,7 +585,7 @@ async def test_a_split_partition_gives_the_rules_results(
     hot = [re.sub(r",\t\d+,", ",\t1,", row, count=1) if rng.random() < 0.6 else row for row in rows]
     path.write_text("\n".join([header, *hot]) + "\n", encoding="utf-8")
     monkeypatch.setattr(etl, "MIN_SLICE_BYTES", 1)
-    monkeypatch.setattr(spill, "PIECE_BYTES", 100)
+    monkeypatch.setattr(spill, "BUFFER_BYTES", 100)
     tuned = dataclasses.replace(settings, partitions=8, chunk_bytes=1000)
     run = await run_once(tuned, sample_dir)
     assert run["status"] == "succeeded", run

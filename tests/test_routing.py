@@ -1,5 +1,5 @@
 """Routing rows to partitions: an even spread whatever the ids' pattern, the same
-partition for a key in every file, and spill pieces that read back what was written."""
+partition for a key in every file, and spill files whose index reads back what was written."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from service import etl
 from service.pipeline import spill
 from service.pipeline.csvfile import EXPERIMENTS, USERS, ByteRange, plan_file
 from service.pipeline.fastpath import experiment_block
@@ -22,6 +23,7 @@ from service.pipeline.scan import scan_experiments, scan_users
 from service.pipeline.spill import (
     ColumnSpill,
     LineSpill,
+    SpillIndex,
     canonical_keys,
     partitions_of,
     read_columns,
@@ -124,8 +126,9 @@ def test_users_and_their_experiments_meet_in_one_partition(tmp_path: Path) -> No
     placed: list[int] = []
     seen = 0
     for p in range(partitions):
-        here = [u for batch in read_columns(results["users"].spills["users"][p]) for u in batch[0]]
-        spilled = read_lines(results["experiments"].spills["by_user"][p])
+        users_index = results["users"].spills["users"]
+        here = [u for batch in read_columns(etl._extents([users_index], p)) for u in batch[0]]
+        spilled = read_lines(etl._extents([results["experiments"].spills["by_user"]], p))
         assert {int(line.split(",")[0]) for line in spilled} <= set(here), p
         placed += here
         seen += len(spilled)
@@ -133,44 +136,129 @@ def test_users_and_their_experiments_meet_in_one_partition(tmp_path: Path) -> No
     assert seen == len(rows)
 
 
+Batch = list[tuple[int, int, str]]  # (partition, number, text) rows of one write
 ROWS = st.lists(
     st.lists(st.tuples(st.integers(0, 6), st.integers(0, 10**6), st.text(max_size=12))),
     max_size=12,
 )
 
 
+def spill_batches(
+    directory: Path, prefix: str, partitions: int, batches: list[Batch]
+) -> tuple[SpillIndex, SpillIndex]:
+    """Each batch written as a scan writes a block: numbers and texts as column batches,
+    ``number,partition`` as lines. The two files' indexes."""
+    with (
+        ColumnSpill(directory, f"{prefix}columns", partitions) as columns,
+        LineSpill(directory, f"{prefix}lines", partitions) as lines,
+    ):
+        for batch in batches:
+            parts = [p for p, _, _ in batch]
+            columns.write(parts, [n for _, n, _ in batch], [t for _, _, t in batch])
+            lines.write_lines(parts, [b"%d,%d" % (n, p) for p, n, _ in batch])
+    return columns.index, lines.index
+
+
+def assert_read_back(
+    columns: list[SpillIndex], lines: list[SpillIndex], batches: list[Batch], partitions: int
+) -> None:
+    """Each partition's rows, over all the spill files in order, read back in write order."""
+    for p in range(partitions):
+        mine = [(n, t) for batch in batches for q, n, t in batch if q == p]
+        back = [
+            row
+            for ns, ts in read_columns(etl._extents(columns, p))
+            for row in zip(ns, ts, strict=True)
+        ]
+        assert back == mine, p
+        assert read_lines(etl._extents(lines, p)) == [f"{n},{p}" for n, _ in mine], p
+
+
+def assert_flushed_at(
+    buffer_bytes: int, columns: SpillIndex, lines: SpillIndex, batches: list[Batch]
+) -> None:
+    """A spill writes out when its buffers hold ``buffer_bytes``, not before (but at the
+    end), and not much after: under ``buffer_bytes`` plus one write's bytes."""
+    for index in (columns, lines):
+        assert all(size >= buffer_bytes for size in flush_sizes(index)[:-1])
+    largest = max((len(b"".join(b"%d,%d\n" % (n, p) for p, n, _ in b)) for b in batches), default=0)
+    assert all(size < buffer_bytes + largest for size in flush_sizes(lines))
+
+
+def flush_sizes(index: SpillIndex) -> list[int]:
+    offsets, n = index.offsets, index.partitions
+    return [offsets[i + n] - offsets[i] for i in range(0, len(offsets) - 1, n)]
+
+
 @settings(max_examples=60, deadline=None)
 @given(ROWS)
-def test_spill_pieces_read_back_each_partitions_rows_in_order(
-    batches: list[list[tuple[int, int, str]]],
+def test_a_spill_index_covers_its_file_and_reads_back_each_partitions_rows_in_order(
+    batches: list[Batch],
 ) -> None:
-    """Many small pieces per partition (PIECE_BYTES forced small): read back, column
-    batches and lines give each partition's rows in the order they were written."""
+    """Many flushes per file (BUFFER_BYTES forced small): the index's offsets run from 0
+    to the file's size without going back, a partition per flush, and column batches and
+    lines read back each partition's rows in the order they were written."""
     partitions = 7
     with pytest.MonkeyPatch.context() as patch, tempfile.TemporaryDirectory() as tmp:
-        patch.setattr(spill, "PIECE_BYTES", 40)
-        directory = Path(tmp)
-        with (
-            ColumnSpill(directory, "columns", partitions) as columns,
-            LineSpill(directory, "lines", partitions) as lines,
-        ):
-            for batch in batches:
-                parts = [p for p, _, _ in batch]
-                columns.write(parts, [n for _, n, _ in batch], [t for _, _, t in batch])
-                lines.write_lines(parts, [b"%d,%d" % (n, p) for p, n, _ in batch])
-        for written in (columns, lines):
-            pieces = sorted((pc for ps in written.pieces for pc in ps), key=lambda pc: pc.offset)
-            ends = [0] + [pc.offset + pc.length for pc in pieces]
-            assert [pc.offset for pc in pieces] == ends[:-1]  # no gap, no overlap
-            assert written.path.stat().st_size == ends[-1]
-        for p in range(partitions):
-            mine = [(n, t) for batch in batches for q, n, t in batch if q == p]
-            back = [
-                row
-                for ns, ts in read_columns(columns.pieces[p])
-                for row in zip(ns, ts, strict=True)
+        patch.setattr(spill, "BUFFER_BYTES", 40)
+        columns, lines = spill_batches(Path(tmp), "", partitions, batches)
+        for index in (columns, lines):
+            offsets = list(index.offsets)
+            assert offsets[0] == 0
+            assert offsets == sorted(offsets)  # no gap, no overlap: each range ends where
+            assert offsets[-1] == index.path.stat().st_size  # the next one starts
+            assert len(offsets) % partitions == 1  # whole flushes, then the end
+        assert_read_back([columns], [lines], batches, partitions)
+        assert_flushed_at(40, columns, lines, batches)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.integers(1, 9).flatmap(
+        lambda partitions: st.tuples(
+            st.just(partitions),
+            st.lists(
+                st.lists(
+                    st.lists(
+                        st.tuples(
+                            st.integers(0, partitions - 1), st.integers(0, 10**6), st.text("ab")
+                        ),
+                        max_size=9,
+                    ),
+                    max_size=6,
+                ),
+                min_size=1,
+                max_size=3,
+            ),
+        )
+    ),
+    st.integers(1, 400),
+)
+@example((1, [[[(0, 5, "a")] * 3] * 4]), 1)
+@example((3, [[[(2, 1, "")]], [], [[(0, 2, "b"), (2, 3, "")]]]), 10**6)
+def test_extents_of_several_scans_read_back_each_partitions_rows_in_write_order(
+    scans: tuple[int, list[list[Batch]]], buffer_bytes: int
+) -> None:
+    """Random partitions, rows and BUFFER_BYTES, a spill file per scan: a partition's
+    extents over the scans (``etl._extents``) read back its rows in write order, and
+    ``etl._sizes`` is the sum of their sizes (every byte of every file, over all)."""
+    partitions, batches_by_scan = scans
+    with pytest.MonkeyPatch.context() as patch, tempfile.TemporaryDirectory() as tmp:
+        patch.setattr(spill, "BUFFER_BYTES", buffer_bytes)
+        written = [
+            spill_batches(Path(tmp), f"scan{i}-", partitions, batches)
+            for i, batches in enumerate(batches_by_scan)
+        ]
+        columns, lines = [c for c, _ in written], [li for _, li in written]
+        every_batch = [batch for batches in batches_by_scan for batch in batches]
+        assert_read_back(columns, lines, every_batch, partitions)
+        for (column_index, line_index), batches in zip(written, batches_by_scan, strict=True):
+            assert_flushed_at(buffer_bytes, column_index, line_index, batches)
+        for indexes in (columns, lines):
+            sizes = etl._sizes(indexes, partitions)
+            assert sizes == [
+                sum(e.size for e in etl._extents(indexes, p)) for p in range(partitions)
             ]
-            assert back == mine
-            assert read_lines(lines.pieces[p]) == [f"{n},{p}" for n, _ in mine]
-        if sum(map(len, batches)) > 60:
-            assert max(map(len, lines.pieces)) > 1  # the forced size took effect
+            assert sum(sizes) == sum(index.path.stat().st_size for index in indexes)
+            for p in range(partitions):
+                assert all(e.size > 0 for e in etl._extents(indexes, p))  # None, not empty
