@@ -30,14 +30,16 @@ from multiprocessing import get_context, parent_process
 from pathlib import Path
 from typing import Any, Literal, ParamSpec, TypeVar
 
+from .archive import ArchiveLimits
 from .db.database import Connection, Pool
 from .db.load import StagedLoad
+from .inputs import Inputs, materialize, plan_named
 from .pipeline.aggregate import aggregate_spilled, write_compound_details
 from .pipeline.csvfile import split_ranges
-from .pipeline.errors import ErrorLog, FileError, InputError
+from .pipeline.errors import MAX_REPORTED_ERRORS, ErrorLog, FileError, InputError, RowError
 from .pipeline.features import FeatureRows, global_average
 from .pipeline.fields import any_overlap
-from .pipeline.plan import InputPlan, plan_inputs
+from .pipeline.plan import InputPlan
 from .pipeline.scan import (
     Compounds,
     ExperimentContext,
@@ -61,6 +63,18 @@ RANGE_BYTES = 16 << 20  # experiments per parse task
 class RunOptions:
     on_error: Literal["abort", "skip"] = "abort"
     max_errors: int = 1000
+    # Issue 15 (see service/inputs.py, service/rejects.py, service/webhooks.py):
+    dry_run: bool = False  # validate and compute everything, replace nothing
+    encoding: str = "utf-8"  # a codec's canonical name (check_encoding)
+    delimiter: Literal["auto", ",", ";"] = "auto"
+    callback_url: str | None = None  # one more webhook target, for this run
+
+    @property
+    def errors_kept(self) -> int:
+        """Skip mode keeps every rejected row (for rejects.csv); a run records 100."""
+        if self.on_error == "skip":
+            return max(MAX_REPORTED_ERRORS, self.max_errors + 1)
+        return MAX_REPORTED_ERRORS
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -91,6 +105,7 @@ class RunStats:
     rows_rejected: int
     duration_s: float
     phases_s: dict[str, float]
+    inputs: dict[str, Any] = field(default_factory=dict)  # files, compression, encoding, delimiter
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -162,6 +177,7 @@ def _task(call: Callable[[], T]) -> T:
 
 
 Finalize = Callable[[Connection, RunStats], Awaitable[None]]
+KeepRejects = Callable[[Inputs, list[RowError]], Awaitable[None]]
 
 
 class Pipeline:
@@ -181,7 +197,9 @@ class Pipeline:
         self.source = source
         self.options = options
         self.progress = Progress()
-        self.errors = ErrorLog()
+        self.errors = ErrorLog(options.errors_kept)
+        self.inputs: Inputs | None = None
+        self.keep_rejects: KeepRejects | None = None  # set by the runner (skip mode)
         self.fatal = False  # a whole file could not be read: no mode can go on
         self.phases: dict[str, float] = {}
         self._stop: StopFile | None = None
@@ -215,7 +233,13 @@ class Pipeline:
     async def _run(self, workdir: Path, started: float, finalize: Finalize) -> RunStats:
         assert self._stop is not None
         self.progress.phase = "reading"
-        plan = await asyncio.to_thread(plan_inputs, self.source)
+        mark = time.perf_counter()
+        limits = ArchiveLimits(None, self.settings.zip_max_ratio)
+        opts = self.options
+        inputs = await materialize(self.source, workdir, opts.encoding, opts.delimiter, limits)
+        self.inputs = inputs
+        plan = await asyncio.to_thread(plan_named, inputs)
+        self.phases["inputs"] = round(time.perf_counter() - mark, 3)
         self.progress.bytes_total = plan.total_bytes
         partitions = self.settings.partitions or _round_up(
             math.ceil(plan.experiments.size / PARTITION_BYTES), self.settings.workers
@@ -224,6 +248,8 @@ class Pipeline:
         compounds, users = await self._scan_inputs(plan, workdir, partitions)
         experiments = await self._scan_experiments(plan, workdir, partitions, compounds, users)
         self.phases["read"] = time.perf_counter() - mark
+        if self.keep_rejects is not None and opts.on_error == "skip" and not self.fatal:
+            await self.keep_rejects(inputs, self.errors.errors)
         self._check_errors()
 
         mark = time.perf_counter()
@@ -242,6 +268,7 @@ class Pipeline:
                 rows_rejected=self.errors.total,
                 duration_s=0.0,
                 phases_s=self.phases,
+                inputs=inputs.to_json(),
             )
             self.progress.phase = "committing"
             mark = time.perf_counter()
@@ -252,7 +279,7 @@ class Pipeline:
                 self.progress.phase = "done"
                 await finalize(conn, stats)
 
-            await load.commit(final, self.settings.lock_timeout)
+            await load.commit(final, self.settings.lock_timeout, discard=opts.dry_run)
             # The stored stats were written inside the swap transaction, before its
             # COMMIT; the returned ones cover the whole swap. The run is done there: the
             # replaced tables are dropped after it, outside the swap's locks.
@@ -269,12 +296,13 @@ class Pipeline:
     ) -> tuple[Compounds, ScanResult]:
         """Compounds, then experiment ranges while users.csv is still being read."""
         block = self.settings.chunk_bytes
+        keep = self.options.errors_kept
         users_call = asyncio.ensure_future(
-            self._call(_guarded(scan_users), plan.users, workdir, partitions, block)
+            self._call(_guarded(scan_users), plan.users, workdir, partitions, block, keep)
         )
         ranges: asyncio.Future[list[ScanResult]] | None = None
         try:
-            compounds, compound_scan = await self._call(_compounds_task, plan, block)
+            compounds, compound_scan = await self._call(_compounds_task, plan, block, keep)
             if not compound_scan.fatal:
                 context = ExperimentContext(None, compounds.by_text)
                 scans = self._scan_ranges(plan, workdir, partitions, context)
@@ -340,6 +368,7 @@ class Pipeline:
             ranges[index] if len(ranges) > 1 else None,
             self.settings.chunk_bytes,
             self._stop,
+            self.options.errors_kept,
         )
 
     async def _scan_experiments(
@@ -382,6 +411,7 @@ class Pipeline:
                     None,
                     self.settings.chunk_bytes,
                     self._stop,
+                    self.options.errors_kept,
                 )
             ]
         self._exp_scans = results
@@ -460,8 +490,8 @@ def _remove(workdir: Path, prefixes: list[str]) -> None:
             stale.unlink()
 
 
-def _compounds_task(plan: InputPlan, block: int) -> tuple[Compounds, ScanResult]:
-    errors = ErrorLog()
+def _compounds_task(plan: InputPlan, block: int, keep: int) -> tuple[Compounds, ScanResult]:
+    errors = ErrorLog(keep)
     try:
         compounds = scan_compounds(plan.compounds, errors, block)
     except FileError as exc:

@@ -15,15 +15,18 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 
+from . import rejects
 from .db import sql
 from .db.database import Connection, Pool, ensure_schema
 from .etl import Pipeline, RunOptions, RunStats
-from .pipeline.errors import InputError
+from .pipeline.errors import MAX_REPORTED_ERRORS, InputError
+from .webhooks import Webhooks
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +104,9 @@ def run_to_json(row: asyncpg.Record, live: dict[str, Any] | None = None) -> dict
         "errors": load(row["errors"]),
         "error_total": row["error_total"],
         "message": row["message"],
+        # Issue 15: rejected rows (skip mode) and completion webhooks.
+        "rejects": rejects.link(row["id"], row["rejects"]),
+        "webhooks": load(row["webhooks"]),
     }
 
 
@@ -117,6 +123,7 @@ class Runner:
         # False until the schema is in place and orphans are recovered (see ``bootstrap``).
         self.ready = True
         self.on_finish: Callable[[str, Pipeline, RunStats | None, float], None] | None = None
+        self.webhooks = Webhooks(pool, settings, self.get)
 
     async def submit(self, request: RunRequest) -> dict[str, Any]:
         """Record a queued run and start it in the background; the run as JSON."""
@@ -155,6 +162,9 @@ class Runner:
             self.settings, self.pool, self.executor, request.source_dir, request.options
         )
         self.pipeline, self.run_id = pipeline, row["id"]
+        pipeline.keep_rejects = partial(
+            rejects.store, self.pool, row["id"], self.settings.rejects_keep
+        )
         self.task = asyncio.create_task(self._execute(conn, row["id"], pipeline, request))
         # Let the task take its first step: a task cancelled before it starts never runs
         # its finally blocks, which would leak the lock connection.
@@ -209,7 +219,7 @@ class Runner:
             outcome.stats = await pipeline.run(finalize)
             outcome.status = "succeeded"
         except InputError as exc:
-            outcome.errors = [e.to_dict() for e in exc.errors]
+            outcome.errors = [e.to_dict() for e in exc.errors[:MAX_REPORTED_ERRORS]]
             outcome.total, outcome.message = exc.total, str(exc)
         except asyncio.CancelledError:
             outcome.status, outcome.message = "cancelled", "cancelled; nothing was loaded"
@@ -234,6 +244,7 @@ class Runner:
                 run_id, outcome.status, pipeline, outcome.errors, outcome.total, outcome.message
             )
         await self._unlock(lock_conn, run_id)
+        self.webhooks.run_ended(run_id, request.options.callback_url)
         if request.cleanup is not None:
             await asyncio.to_thread(request.cleanup)
         if self.on_finish is not None:
@@ -367,15 +378,19 @@ class Runner:
             log.info("database ready", extra={"event": "bootstrap"})
             return
 
-    async def close(self) -> None:
-        """Cancel the active run (rolled back, status cancelled) and wait for it."""
+    async def close(self, webhook_grace: float = 0.0) -> None:
+        """Cancel the active run (rolled back, status cancelled) and wait for it.
+
+        Webhook deliveries get ``webhook_grace`` seconds, then are cancelled.
+        """
         if self.task is not None and not self.task.done():
             self.task.cancel()
             await asyncio.gather(self.task, return_exceptions=True)
+        await self.webhooks.close(webhook_grace)
 
 
 def _errors(pipeline: Pipeline) -> list[dict[str, Any]]:
-    return [e.to_dict() for e in pipeline.errors.errors]
+    return [e.to_dict() for e in pipeline.errors.errors[:MAX_REPORTED_ERRORS]]
 
 
 async def run_once(
@@ -389,7 +404,10 @@ async def run_once(
         with executor_for(settings) as executor:
             runner = Runner(pool, executor, settings)
             await runner.recover()
-            return await runner.run_to_end(directory_request(source_dir, options))
+            try:
+                return await runner.run_to_end(directory_request(source_dir, options))
+            finally:
+                await runner.close(webhook_grace=runner.webhooks.patience())
 
 
 def directory_request(source_dir: Path, options: RunOptions | None = None) -> RunRequest:

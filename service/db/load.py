@@ -107,11 +107,13 @@ class StagedLoad:
         self,
         finalize: Callable[[Connection], Awaitable[None]],
         lock_timeout: float,
+        discard: bool = False,
     ) -> None:
         """Swap all staging tables in and run ``finalize`` in the same transaction.
 
         The swap needs an exclusive lock on each result table; a reader holding one
         must not stall it forever, so the lock wait is bounded and the swap retried.
+        ``discard`` (a dry run) drops the staging tables instead: nothing is replaced.
         """
         conn = self._conns[0]
         for attempt in range(1, SWAP_ATTEMPTS + 1):
@@ -119,7 +121,7 @@ class StagedLoad:
                 async with conn.transaction():
                     await conn.execute(f"SET LOCAL lock_timeout = '{int(lock_timeout * 1000)}ms'")
                     for table in sql.RESULT_TABLES:
-                        await conn.execute(sql.swap(table))
+                        await conn.execute(sql.drop_staging(table) if discard else sql.swap(table))
                     await finalize(conn)
                 return
             except asyncpg.LockNotAvailableError as exc:

@@ -20,6 +20,7 @@ from .errors import FileError, RowError
 
 BOM = b"\xef\xbb\xbf"
 MAX_LINE_CHARS = 1024 * 1024
+ENCODING_HINT = "; not UTF-8? give the file's encoding (option encoding, e.g. latin-1 or cp1252)"
 csv.field_size_limit(128 * 1024)
 FIELD_LIMIT = csv.field_size_limit()
 
@@ -164,7 +165,8 @@ def _decode(data: bytes, name: str, first_line: int) -> str:
                 name,
                 first_line + before.count(b"\n"),
                 prefix.count(",") + 1,
-                f"invalid UTF-8 (byte 0x{data[exc.start]:02x} at character {len(prefix) + 1})",
+                f"invalid UTF-8 (byte 0x{data[exc.start]:02x} at character {len(prefix) + 1})"
+                + ENCODING_HINT,
             )
         ) from None
     if "\x00" in text:

@@ -24,7 +24,7 @@ from .csvfile import (
     line_count,
     raw_blocks,
 )
-from .errors import ErrorLog, RowError
+from .errors import MAX_REPORTED_ERRORS, ErrorLog, RowError
 from .fields import (
     FieldError,
     IdSet,
@@ -132,10 +132,14 @@ def scan_compounds(plan: FilePlan, log: ErrorLog, block: int = 8 << 20) -> Compo
 
 
 def scan_users(
-    plan: FilePlan, spill_dir: Path, partitions: int, block: int = 8 << 20
+    plan: FilePlan,
+    spill_dir: Path,
+    partitions: int,
+    block: int = 8 << 20,
+    keep: int = MAX_REPORTED_ERRORS,
 ) -> ScanResult:
     """Validate users.csv; spill (user_id, name) by partition; return the set of ids."""
-    log = ErrorLog()
+    log = ErrorLog(keep)
     result = ScanResult()
     col_id, col_name = plan.columns["user_id"], plan.columns["name"]
     with ColumnSpill(spill_dir, "users", partitions) as spill:
@@ -221,13 +225,14 @@ def scan_experiments(
     byte_range: tuple[int, int] | None = None,
     block: int = 8 << 20,
     on_batch: Callable[[int], None] | None = None,
+    keep: int = MAX_REPORTED_ERRORS,
 ) -> ScanResult:
     """Validate experiments in a byte range; spill (user_id, run_time, compounds).
 
     With a ``byte_range``, line numbers in errors are relative to the range start and
     ``result.lines`` says how many lines the range holds.
     """
-    log = ErrorLog()
+    log = ErrorLog(keep)
     result = ScanResult()
     referenced = Referenced() if context.users is None else None
     if referenced is not None:
