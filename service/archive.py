@@ -51,45 +51,44 @@ def extract_inputs(
     """
     try:
         with zipfile.ZipFile(archive) as zf:
-            chosen = _choose(zf.infolist(), archive.name)
+            chosen = _choose(zf.infolist())
             declared = sum(info.file_size for info in chosen.values())
             if limits.max_bytes is not None and declared > limits.max_bytes:
-                raise _too_large(archive.name, limits)
+                raise _too_large(limits)
             written = 0
             for name, info in chosen.items():
                 written = _extract(zf, info, target / name, written, limits, stop)
     except zipfile.BadZipFile as exc:
-        raise ArchiveRejected(f"{archive.name}: not a readable zip archive ({exc})") from None
+        raise ArchiveRejected(f"not a readable zip archive ({exc})") from None
     except (NotImplementedError, RuntimeError) as exc:  # unknown method, encrypted
-        raise ArchiveRejected(f"{archive.name}: cannot extract ({exc})") from None
+        raise ArchiveRejected(f"cannot extract ({exc})") from None
     return {name: info.filename for name, info in chosen.items()}
 
 
-def _choose(members: list[zipfile.ZipInfo], archive: str) -> dict[str, zipfile.ZipInfo]:
+def _choose(members: list[zipfile.ZipInfo]) -> dict[str, zipfile.ZipInfo]:
     chosen: dict[str, zipfile.ZipInfo] = {}
     for info in members:
         name = info.filename
         path = PurePosixPath(name.replace("\\", "/"))
         parts = path.parts
         if not parts or path.is_absolute() or ".." in parts or ":" in parts[0]:
-            raise ArchiveRejected(f"{archive}: unsafe member path {name!r} (leaves the archive)")
+            raise ArchiveRejected(f"unsafe member path {name!r} (leaves the archive)")
         if info.is_dir() or path.name.startswith(".") or "__MACOSX" in path.parts:
             continue
         if stat.S_ISLNK(info.external_attr >> 16):
-            raise ArchiveRejected(f"{archive}: member {name!r} is a symbolic link")
+            raise ArchiveRejected(f"member {name!r} is a symbolic link")
         if path.name not in WANTED:
             continue
         if path.name in chosen:
             raise ArchiveRejected(
-                f"{archive}: two members named {path.name}: {chosen[path.name].filename!r}"
-                f" and {name!r}"
+                f"two members named {path.name}: {chosen[path.name].filename!r} and {name!r}"
             )
         chosen[path.name] = info
     for spec in SPECS:
         if not any(name in chosen for name in spec.filenames):
-            raise ArchiveRejected(f"{archive}: no {' or '.join(spec.filenames)} in the archive")
-        if all(name in chosen for name in spec.filenames):
-            raise ArchiveRejected(f"{archive}: ambiguous: both {' and '.join(spec.filenames)}")
+            raise ArchiveRejected(f"no {' or '.join(spec.filenames)} in the archive")
+        if sum(name in chosen for name in spec.filenames) > 1:
+            raise ArchiveRejected(f"ambiguous: both {' and '.join(spec.filenames)}")
     return chosen
 
 
@@ -107,10 +106,10 @@ def _extract(
         while data := source.read(BLOCK):
             size += len(data)
             if limits.max_bytes is not None and written + size > limits.max_bytes:
-                raise _too_large(zf.filename or "archive", limits)
+                raise _too_large(limits)
             if size > RATIO_FLOOR and size / compressed > limits.max_ratio:
                 raise ArchiveRejected(
-                    f"{Path(zf.filename or 'archive').name}: member {info.filename!r} inflates"
+                    f"member {info.filename!r} inflates"
                     f" more than {limits.max_ratio:g} times its compressed size (a zip bomb?)",
                     too_large=True,
                 )
@@ -120,9 +119,9 @@ def _extract(
     return written + size
 
 
-def _too_large(archive: str, limits: ArchiveLimits) -> ArchiveRejected:
+def _too_large(limits: ArchiveLimits) -> ArchiveRejected:
     return ArchiveRejected(
-        f"{Path(archive).name}: the files in it decompress to more than {limits.max_bytes}"
+        f"the files in it decompress to more than {limits.max_bytes}"
         " bytes (the upload limit counts decompressed bytes)",
         too_large=True,
     )

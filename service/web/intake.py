@@ -267,7 +267,7 @@ async def _unpack(directory: Path, settings: Settings) -> dict[str, str]:
     try:
         members = await asyncio.to_thread(extract_inputs, archive, directory, limits)
     except ArchiveRejected as exc:
-        raise Problem(413 if exc.too_large else 400, str(exc)) from None
+        raise Problem(413 if exc.too_large else 400, f"the uploaded archive: {exc}") from None
     finally:
         await asyncio.to_thread(archive.unlink, True)
     return members
