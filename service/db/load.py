@@ -184,8 +184,13 @@ class StagedLoad:
             if exc_type is not None:
                 await asyncio.shield(self._abort())
         finally:
-            for conn in self._conns:
-                await self.pool.release(conn)
+            # Shielded: a cancellation arriving during one release left the others'
+            # connections checked out, and the pool's close then waited for them forever.
+            await asyncio.shield(self._release())
+
+    async def _release(self) -> None:
+        for conn in self._conns:
+            await self.pool.release(conn)
 
 
 def _terminate(conn: Connection) -> None:

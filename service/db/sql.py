@@ -163,7 +163,7 @@ FINISH_RUN = """
 UPDATE etl_runs
 SET status = $2, finished_at = now(), progress = $3::jsonb, stats = $4::jsonb,
     errors = $5::jsonb, error_total = $6, message = $7
-WHERE id = $1
+WHERE id = $1 AND status IN ('queued', 'running')  -- ends once: a late cancel changes nothing
 """
 # Runs left active by a process that died: nobody holds their run lock any more.
 ORPHANED_RUNS = "SELECT id FROM etl_runs WHERE status IN ('queued', 'running')"
