@@ -25,6 +25,7 @@ import contextlib
 import csv
 import gzip
 import io
+import itertools
 import os
 import re
 import threading
@@ -52,6 +53,7 @@ BLOCK = 1 << 20
 SNIFF_BYTES = 1 << 20  # the header line is looked for in the first MiB
 LINE_END = re.compile(r"\r\n|\r|\n")
 _SWAP = str.maketrans(",;", ";,")
+_TAB_SPACE = str.maketrans("\t ", " \t")
 
 
 def check_encoding(name: str) -> str:
@@ -250,24 +252,31 @@ def _prepare(f: InputFile, stop: threading.Event) -> RowError | None:
         os.symlink(f.origin.resolve(), f.path)
         return None
     try:
-        with open_binary(f.origin, f.compression) as raw, f.path.open("wb") as out:
-            if f.encoding == "utf-8" and f.delimiter == ",":
-                while data := raw.read(BLOCK):
-                    _check(stop)
-                    out.write(data)
-                return None
-            blocks = text_blocks(raw, f.encoding, f.name, f.delimiter)
-            if f.delimiter == ";":
-                blocks = _commas(blocks, f.name)
-            for text in blocks:
-                _check(stop)
-                out.write(text.encode("utf-8"))
+        try:
+            _write_plain(f, stop, exact=False)
+        except _Inexact:
+            _write_plain(f, stop, exact=True)
     except FileError as exc:
         return exc.error
     except (OSError, EOFError, zstandard.ZstdError) as exc:
         what = f"cannot decompress ({f.compression})" if f.compression else "cannot read"
         return RowError(f.name, None, None, f"{what}: {exc}")
     return None
+
+
+def _write_plain(f: InputFile, stop: threading.Event, exact: bool) -> None:
+    with open_binary(f.origin, f.compression) as raw, f.path.open("wb") as out:
+        if f.encoding == "utf-8" and f.delimiter == ",":
+            while data := raw.read(BLOCK):
+                _check(stop)
+                out.write(data)
+            return
+        blocks = text_blocks(raw, f.encoding, f.name, f.delimiter)
+        if f.delimiter == ";":
+            blocks = _commas(blocks, f.name, exact)
+        for text in blocks:
+            _check(stop)
+            out.write(text.encode("utf-8"))
 
 
 def _check(stop: threading.Event) -> None:
@@ -323,7 +332,11 @@ def _undecodable(
     return FileError(RowError(name, line + count_lines(before), last.count(sep) + 1, message))
 
 
-def _commas(blocks: Iterator[str], name: str) -> Iterator[str]:
+class _Inexact(Exception):
+    """The fast reader of quoted ``;`` text cannot promise the exact reader's result."""
+
+
+def _commas(blocks: Iterator[str], name: str, exact: bool) -> Iterator[str]:
     """``;``-delimited text as ``,``-delimited text, line for line.
 
     Blocks without quotes are rewritten directly (fields with a comma get quoted);
@@ -332,7 +345,8 @@ def _commas(blocks: Iterator[str], name: str) -> Iterator[str]:
     line = 1
     for block in blocks:
         if '"' in block:
-            yield from _commas_quoted(block, blocks, name, line)
+            convert = _commas_quoted if exact else _commas_quoted_fast
+            yield from convert(block, blocks, name, line)
             return
         if "," not in block:
             yield block.replace(";", ",")
@@ -390,12 +404,51 @@ def _commas_quoted(first: str, rest: Iterator[str], name: str, line: int) -> Ite
     yield out.getvalue()
 
 
-def _swapped_lines(block: str) -> Iterator[str]:
-    *lines, tail = LINE_END.split(block)
+def _swapped_lines(block: str, swap: dict[int, int] = _SWAP) -> Iterator[str]:
+    *lines, tail = LINE_END.split(block.translate(swap))
     for text in lines:
-        yield text.translate(_SWAP) + "\n"
+        yield text + "\n"
     if tail:
-        yield tail.translate(_SWAP) + "\n"
+        yield tail + "\n"
+
+
+def _commas_quoted_fast(first: str, rest: Iterator[str], name: str, line: int) -> Iterator[str]:
+    """The csv module's own reader, ~25 times faster than the exact one's quote tracking.
+
+    The exports put a tab before quotes: swapping tabs and spaces lets the reader's
+    ``skipinitialspace`` skip them. It cannot skip a space before a quote, and it does
+    not report an unclosed quote, so on a space before a quote, an odd number of quotes
+    or any csv error it gives up (``_Inexact``) and the exact reader starts over.
+    """
+    quotes = 0
+
+    def lines() -> Iterator[str]:
+        nonlocal quotes
+        for block in itertools.chain([first], rest):
+            if ' "' in block or " \t" in block:  # maybe a space before a quote
+                raise _Inexact()
+            quotes += block.count('"')
+            yield from _swapped_lines(block, _TAB_SPACE)
+
+    reader = csv.reader(lines(), delimiter=";", skipinitialspace=True)
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    try:
+        for row in reader:
+            if row:
+                writer.writerow(row)
+            else:
+                out.write("\n")
+            if out.tell() >= BLOCK:
+                # Tabs and spaces back, in one call: the writer adds neither.
+                yield out.getvalue().translate(_TAB_SPACE)
+                out.seek(0)
+                out.truncate()
+    except csv.Error:
+        raise _Inexact() from None
+    if quotes % 2:
+        raise _Inexact()
+    yield out.getvalue().translate(_TAB_SPACE)
 
 
 def plan_named(inputs: Inputs) -> InputPlan:

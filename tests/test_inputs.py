@@ -250,8 +250,11 @@ async def test_semicolon_delimited_input_gives_the_same_tables(
     files = sample(settings)
     converted = {name: semicolons(data) for name, data in files.items()}
     assert b'1;\t1;\t"1;2";\t10' in converted["user_experiments.csv"]
-    # A name with a comma is quoted, as Excel does.
-    converted["compounds.csv"] = converted["compounds.csv"].replace(b"Compound A", b'"Compound, A"')
+    # A name with a comma is quoted, as Excel does; a space before its quote makes the
+    # converter use the exact reader for that file (the fast one reads the others).
+    converted["compounds.csv"] = converted["compounds.csv"].replace(
+        b";\tCompound A", b'; \t"Compound, A"'
+    )
     name = dataset(settings, "excel", converted)
     done = await run(client, dataset=name)
     assert done["status"] == "succeeded", done
@@ -269,6 +272,18 @@ async def test_semicolon_delimited_input_gives_the_same_tables(
     failed = await run(client, dataset=bad)
     assert [(e["file"], e["line"], e["column"]) for e in failed["errors"]] == [  # type: ignore[attr-defined]
         ("user_experiments.csv", 12, 2)
+    ]
+    unclosed = converted["user_experiments.csv"].replace(b'10;\t"1;3";\t60', b'10;\t"1;3;\t60')
+    bad = dataset(settings, "excel-open", {**converted, "user_experiments.csv": unclosed})
+    failed = await run(client, dataset=bad)
+    assert failed["errors"] == [
+        {
+            "file": "user_experiments.csv",
+            "line": 12,
+            "column": 3,
+            "field": None,
+            "message": "unterminated quoted field",
+        }
     ]
     # Given as an option, the delimiter is not guessed: a , file read with ; has no columns.
     forced = await run(client, delimiter=";")
