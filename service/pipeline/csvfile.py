@@ -409,11 +409,25 @@ def _quoted_batches(
             for line in lines:
                 yield line + "\n"
 
-    feed = _LenientQuotes(physical(), plan.name, first)
-    reader = csv.reader(feed)
     rows: list[list[str]] = []
     starts: list[int] = []
     last = first - 1
+    for row, end in lenient_rows(physical(), plan.name, first):
+        starts.append(last + 1)
+        last = end
+        rows.append(row)
+        if len(rows) >= 65536:
+            yield Batch(rows, starts)
+            rows, starts = [], []
+    if rows:
+        yield Batch(rows, starts)
+
+
+def lenient_rows(lines: Iterator[str], name: str, first: int) -> Iterator[tuple[list[str], int]]:
+    """Rows of ``lines`` (each ending in a newline) read with the exports' quoting, and
+    the line each row ends on; csv problems and an unclosed quote raise FileError."""
+    feed = _LenientQuotes(lines, name, first)
+    reader = csv.reader(feed)
     while True:
         try:
             row = next(reader)
@@ -421,15 +435,8 @@ def _quoted_batches(
             break
         except csv.Error as exc:
             raise feed.csv_error(exc) from None
-        starts.append(last + 1)
-        last = feed.line
-        rows.append(row)
-        if len(rows) >= 65536:
-            yield Batch(rows, starts)
-            rows, starts = [], []
+        yield row, feed.line
     feed.check_closed()
-    if rows:
-        yield Batch(rows, starts)
 
 
 def _csv_failure(name: str, lines: list[str], first_line: int, exc: csv.Error) -> FileError:
