@@ -300,6 +300,8 @@ def text_blocks(
             text = carry + decoder.decode(data, final=not data)
         except UnicodeDecodeError as exc:
             raise _undecodable(exc, carry, line, name, encoding, delimiter) from None
+        except UnicodeError as exc:  # e.g. UTF-16 without a byte order mark
+            raise FileError(RowError(name, line, None, f"not {encoding}: {exc}")) from None
         if not data:
             if text:
                 yield text
