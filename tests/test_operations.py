@@ -20,6 +20,12 @@ from service.settings import Settings
 pytest_plugins = ["test_web_support"]
 
 
+async def metric(client: Client, name: str) -> str:
+    async with client.get("/metrics") as response:
+        text = await response.text()
+    return next(line for line in text.splitlines() if line.startswith(name + " "))
+
+
 async def test_a_dry_run_computes_everything_and_replaces_nothing(
     client: Client, settings: Settings
 ) -> None:
@@ -31,6 +37,7 @@ async def test_a_dry_run_computes_everything_and_replaces_nothing(
         b"2,\t1,\t2;3", b"2,\t2,\t2;3"
     )
     name = dataset(settings, "changed", files)
+    last_success = await metric(client, "etl_last_success_timestamp_seconds")
     dry = await run(client, dataset=name, dry_run=True)
     assert dry["status"] == "succeeded", dry
     assert dry["options"]["dry_run"] is True  # type: ignore[index]
@@ -45,6 +52,7 @@ async def test_a_dry_run_computes_everything_and_replaces_nothing(
     assert await scratch_tables(settings) == []  # the staged tables were dropped
     async with client.get("/users/1/features") as response:
         assert (await response.json())["experiment_count"] == 2  # unchanged
+    assert await metric(client, "etl_last_success_timestamp_seconds") == last_success
 
     # A dry run of bad input fails like any run, recorded as a dry run.
     bad = dataset(settings, "bad", {**files, "users.csv": files["users.csv"] + b"\nx,\tX,\t,\t"})
