@@ -19,6 +19,7 @@ from .db import sql
 from .db.database import Pool, open_pool
 from .etl import RunOptions
 from .generate import SHAPES, Shape, generate
+from .inputs import DELIMITERS, check_encoding
 from .jobs import Runner, directory_request
 from .recovery import recover
 from .settings import Settings
@@ -165,14 +166,21 @@ def main(log_level: str | None) -> None:
 @click.option("--on-error", type=click.Choice(["abort", "skip"]), default="abort")
 @click.option("--max-errors", type=int, default=1000, help="Skip mode: fail past this many.")
 @click.option("--workers", type=int, help="Worker processes (default: CPU count).")
+@click.option("--dry-run", is_flag=True, help="Validate and compute, replace nothing.")
+@click.option("--encoding", default="utf-8", help="The files' encoding (latin-1, cp1252, ...).")
+@click.option("--delimiter", type=click.Choice(DELIMITERS), default="auto")
 def run(
     data_dir: Path | None,
     data_dir_flag: Path | None,
     on_error: str,
     max_errors: int,
+    dry_run: bool,
+    encoding: str,
+    delimiter: str,
     **flags: Any,
 ) -> None:
-    """Run the ETL once on DATA_DIR (default $ETL_DATA_DIR, else ./data).
+    """Run the ETL once on DATA_DIR (default $ETL_DATA_DIR, else ./data): a directory or
+    a zip.
 
     \b
     The original take-home's flags work as spelled there:
@@ -182,7 +190,17 @@ def run(
         raise click.UsageError("give the data directory once: DATA_DIR or -d/--data-dir")
     settings = build_settings(**flags)
     data_dir = data_dir or data_dir_flag or settings.data_dir
-    options = RunOptions(on_error=on_error, max_errors=max_errors)  # type: ignore[arg-type]
+    try:
+        encoding = check_encoding(encoding)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--encoding") from None
+    options = RunOptions(
+        on_error=on_error,  # type: ignore[arg-type]
+        max_errors=max_errors,
+        dry_run=dry_run,
+        encoding=encoding,
+        delimiter=delimiter,  # type: ignore[arg-type]
+    )
     result = on_database(settings, _run_once(settings, data_dir, options))
     if result["status"] != "succeeded":
         click.secho(
@@ -195,6 +213,8 @@ def run(
         sys.exit(1)
     stats = result["stats"]
     click.secho(f"Run {result['id']} succeeded in {stats['duration_s']:.2f} s", fg="green")
+    if dry_run:
+        click.echo("  dry run: validated and computed; the result tables were not replaced")
     click.echo(
         f"  users {stats['users']}, experiments {stats['experiments']}, "
         f"compounds {stats['compounds']}, average experiments per user "
@@ -204,7 +224,7 @@ def run(
         click.echo(f"  rows rejected (skip mode): {stats['rows_rejected']}")
     loaded = stats["rows_loaded"]
     click.echo(
-        f"  loaded into {where_data_went(settings)}: "
+        f"  {'computed (not loaded)' if dry_run else 'loaded into'} {where_data_went(settings)}: "
         + ", ".join(f"{table} {loaded[table]}" for table in sql.RESULT_TABLES)
     )
 
@@ -223,7 +243,10 @@ async def _run_once(settings: Settings, data_dir: Path, options: RunOptions) -> 
         with executor_for(settings) as executor:
             runner = Runner(pool, executor, settings)
             await recover(runner.store, settings)
-            return await runner.run_to_end(directory_request(data_dir, options), _show_progress)
+            try:
+                return await runner.run_to_end(directory_request(data_dir, options), _show_progress)
+            finally:  # completion webhooks get their retries before the process exits
+                await runner.close(webhook_grace=runner.webhooks.patience())
 
 
 async def _show_progress(runner: Runner) -> None:

@@ -26,8 +26,10 @@ from operator import sub
 from pathlib import Path
 from typing import Any, Literal, ParamSpec, TypeVar
 
+from .archive import ArchiveLimits
 from .db.database import Connection, Pool
 from .db.load import StagedLoad
+from .inputs import Inputs, materialize, plan_named
 from .pipeline.aggregate import (
     PartitionJob,
     PartitionResult,
@@ -37,9 +39,9 @@ from .pipeline.aggregate import (
     merge_slices,
 )
 from .pipeline.csvfile import split_ranges
-from .pipeline.errors import ErrorLog, InputError
+from .pipeline.errors import MAX_REPORTED_ERRORS, ErrorLog, InputError, RowError
 from .pipeline.features import global_average
-from .pipeline.plan import InputPlan, plan_inputs
+from .pipeline.plan import InputPlan
 from .pipeline.scan import ScanResult, scan_experiments, scan_users
 from .pipeline.spill import Extent, SpillIndex
 from .pipeline.tasks import Guarded, StopFile, compounds_task, run_task
@@ -60,6 +62,17 @@ MIN_SLICE_BYTES = 1 << 20  # a partition is split into slices only past twice th
 class RunOptions:
     on_error: Literal["abort", "skip"] = "abort"
     max_errors: int = 1000
+    dry_run: bool = False  # validate and compute everything, replace nothing
+    encoding: str = "utf-8"  # a codec's canonical name (inputs.check_encoding)
+    delimiter: Literal["auto", ",", ";"] = "auto"
+    callback_url: str | None = None  # one more webhook target, for this run
+
+    @property
+    def errors_kept(self) -> int:
+        """Skip mode keeps every rejected row (for rejects.csv); a run records 100."""
+        if self.on_error == "skip":
+            return max(MAX_REPORTED_ERRORS, self.max_errors + 1)
+        return MAX_REPORTED_ERRORS
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -90,12 +103,14 @@ class RunStats:
     rows_rejected: int
     duration_s: float
     phases_s: dict[str, float]
+    inputs: dict[str, Any] = field(default_factory=dict)  # files, compression, encoding, delimiter
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
 Finalize = Callable[[Connection, RunStats], Awaitable[None]]
+KeepRejects = Callable[[Inputs, list[RowError]], Awaitable[None]]
 
 
 @dataclass
@@ -148,7 +163,10 @@ class Pipeline:
         self.source = source
         self.options = options
         self.progress = Progress()
-        self.errors = ErrorLog()
+        self.errors = ErrorLog(options.errors_kept)
+        self.inputs: Inputs | None = None
+        self.keep_rejects: KeepRejects | None = None  # set by the runner (skip mode)
+        self._rejects_kept = False
         self.fatal = False  # a whole file could not be read: no mode can go on
         self.phases: dict[str, float] = {}
         self._stop: StopFile | None = None
@@ -178,8 +196,14 @@ class Pipeline:
 
     async def _run(self, workdir: Path, started: float, finalize: Finalize) -> RunStats:
         self.progress.phase = "reading"
-        plan = await asyncio.to_thread(plan_inputs, self.source, self.settings.chunk_bytes)
-        self.errors = ErrorLog(order=plan.order)
+        mark = time.perf_counter()
+        opts = self.options
+        limits = ArchiveLimits(None, self.settings.zip_max_ratio)
+        inputs = await materialize(self.source, workdir, opts.encoding, opts.delimiter, limits)
+        self.inputs = inputs
+        plan = await asyncio.to_thread(plan_named, inputs, self.settings.chunk_bytes)
+        self.phases["inputs"] = round(time.perf_counter() - mark, 3)
+        self.errors = ErrorLog(opts.errors_kept, plan.order)
         self.progress.bytes_total = plan.total_bytes
         partitions = self.settings.partitions or _round_up(
             math.ceil(plan.experiments.size / PARTITION_BYTES), self.settings.workers
@@ -193,19 +217,23 @@ class Pipeline:
         self.progress.phase = "loading"
         self.progress.partitions_total = partitions
         total = scanned.experiment_rows - len(rejected)
+        first = True
         while True:
             try:
                 async with StagedLoad(self.pool, self.settings.db_timeout) as load:
-                    done = await self._aggregate(load, plan, scanned, total, rejected)
-                    self._check_errors()
+                    done = await self._aggregate(load, plan, scanned, total, rejected, first)
+                    await self._check_errors(complete=True)
+                    if first and done.rejected and opts.on_error == "skip":
+                        raise _Again(done.rejected)
                     return await self._commit(load, done, scanned, started, mark, finalize)
             except _Again as again:
                 total -= again.rejected  # the same rows are rejected again: not counted twice
+                first = False
                 self.progress.partitions_done = 0
 
     async def _scan(self, plan: InputPlan, workdir: Path, partitions: int) -> Scanned:
         """Phase 1: every byte range of every file at once; none needs another's rows."""
-        block = self.settings.chunk_bytes
+        block, keep = self.settings.chunk_bytes, self.options.errors_kept
         scans = []
         for kind, file_plan, scan in (
             ("experiments", plan.experiments, scan_experiments),
@@ -214,17 +242,25 @@ class Pipeline:
             for index, part in enumerate(split_ranges(file_plan, RANGE_BYTES)):
                 prefix = f"{kind}{index:04d}"
                 call = self._call(
-                    Guarded(scan), file_plan, part, workdir, prefix, partitions, block, self._stop
+                    Guarded(scan),
+                    file_plan,
+                    part,
+                    workdir,
+                    prefix,
+                    partitions,
+                    block,
+                    self._stop,
+                    keep,
                 )
                 scans.append(self._counted(kind, part.end - part.start, call))
         compounds_file = workdir / "compounds.pkl"
         compounds = self._counted(
             "compounds",
             plan.compounds.size,
-            self._call(Guarded(compounds_task), plan.compounds, compounds_file, block),
+            self._call(Guarded(compounds_task), plan.compounds, compounds_file, block, keep),
         )
         results = await _gather(compounds, *scans)
-        self._check_errors()
+        await self._check_errors()
         by_kind: dict[str, list[SpillIndex]] = defaultdict(list)
         for result in results:
             for kind, spill_index in result.spills.items():
@@ -250,7 +286,7 @@ class Pipeline:
     async def _check_experiment_ids(self, plan: InputPlan, scanned: Scanned) -> frozenset[int]:
         """Repeated experiment ids, per id partition; the lines of the rejected repeats."""
         checks = [
-            self._call(check_experiment_ids, extents, plan.experiments)
+            self._call(check_experiment_ids, extents, plan.experiments, self.options.errors_kept)
             for p in range(scanned.partitions)
             if (extents := _extents(scanned.experiment_ids, p))
         ]
@@ -258,7 +294,7 @@ class Pipeline:
         for check in await _gather(*checks):
             self.errors.extend(check.log.errors, check.log.total)
             rejected.update(check.rejected)
-        self._check_errors()
+        await self._check_errors()
         return frozenset(rejected)
 
     async def _aggregate(
@@ -268,9 +304,10 @@ class Pipeline:
         scanned: Scanned,
         total: int,
         rejected: frozenset[int],
+        first_pass: bool,
     ) -> Aggregated:
-        """Phase 2, loading each partition's rows as they come."""
-        first_pass = total == scanned.experiment_rows - len(rejected)
+        """Phase 2, loading each partition's rows as they come (the errors of the first
+        pass are the run's; a second pass meets the same)."""
         partitions = scanned.partitions
         sizes = _sizes(scanned.experiments, partitions)
         slice_bytes = max(MIN_SLICE_BYTES, 2 * sum(sizes) // partitions)
@@ -283,6 +320,7 @@ class Pipeline:
                 plan.users,
                 plan.experiments,
                 rejected,
+                self.options.errors_kept,
             )
             for p in range(partitions)
         )
@@ -324,9 +362,6 @@ class Pipeline:
         finally:
             for task in running:
                 task.cancel()
-        if first_pass and done.rejected and self.options.on_error == "skip":
-            self._check_errors()  # past max_errors: no second pass
-            raise _Again(done.rejected)
         return done
 
     async def _commit(
@@ -349,6 +384,7 @@ class Pipeline:
             rows_rejected=self.errors.total,
             duration_s=0.0,
             phases_s=self.phases,
+            inputs=self.inputs.to_json() if self.inputs else {},
         )
         self.progress.phase = "committing"
         mark = time.perf_counter()
@@ -359,7 +395,7 @@ class Pipeline:
             self.progress.phase = "done"
             await finalize(conn, stats)
 
-        await load.commit(final, self.settings.lock_timeout)
+        await load.commit(final, self.settings.lock_timeout, discard=self.options.dry_run)
         # The stored stats were written inside the swap transaction, before its
         # COMMIT; the returned ones cover the whole swap. The run is done there: the
         # replaced tables are dropped after it, outside the swap's locks.
@@ -371,14 +407,21 @@ class Pipeline:
         self.phases["cleanup"] = round(time.perf_counter() - mark, 3)
         return stats
 
-    def _check_errors(self) -> None:
+    async def _check_errors(self, complete: bool = False) -> None:
         """Fail the run: a file could not be read, abort mode met an error, or skip mode
-        rejected too many rows. Called once each stage's checks have all run."""
-        if not self.errors:
-            return
+        rejected too many rows. Called once each stage's checks have all run;
+        ``complete``: every check has. Skip mode keeps its rejected rows first."""
         too_many = self.errors.total > self.options.max_errors
-        if self.fatal or self.options.on_error == "abort" or too_many:
+        failing = bool(self.errors) and (self.fatal or self.options.on_error == "abort" or too_many)
+        if self.options.on_error == "skip" and not self.fatal and (failing or complete):
+            await self._keep_rejects()
+        if failing:
             raise InputError(self.errors.errors, self.errors.total)
+
+    async def _keep_rejects(self) -> None:
+        if self.keep_rejects is not None and self.inputs is not None and not self._rejects_kept:
+            self._rejects_kept = True
+            await self.keep_rejects(self.inputs, self.errors.errors)
 
 
 async def _gather(*calls: Awaitable[T]) -> list[T]:

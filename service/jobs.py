@@ -17,16 +17,19 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 
+from . import rejects
 from .db.database import Connection, Pool
 from .etl import Pipeline, RunOptions, RunStats
 from .faults import describe
-from .pipeline.errors import InputError
+from .pipeline.errors import MAX_REPORTED_ERRORS, InputError
 from .runstore import ACTIVE, DATABASE_ERRORS, Ending, RunStore
+from .webhooks import Webhooks
 from .workers import BrokenProcessPool, WorkerPool
 
 log = logging.getLogger(__name__)
@@ -98,6 +101,8 @@ def run_to_json(row: asyncpg.Record, live: dict[str, Any] | None = None) -> dict
         "errors": load(row["errors"]),
         "error_total": row["error_total"],
         "message": row["message"],
+        "rejects": rejects.link(row["id"], row["rejects"]),  # skip mode's rejected rows
+        "webhooks": load(row["webhooks"]),  # completion deliveries
     }
 
 
@@ -115,6 +120,7 @@ class Runner:
         # False until the schema is in place and orphans are recovered (see ``recovery``).
         self.ready = True
         self.on_finish: Callable[[str, Pipeline, RunStats | None, float], None] | None = None
+        self.webhooks = Webhooks(pool, settings, self.get)
 
     async def submit(self, request: RunRequest) -> dict[str, Any]:
         """Record a queued run and start it in the background; the run as JSON."""
@@ -151,6 +157,9 @@ class Runner:
             self.settings, self.pool, self.executor, request.source_dir, request.options
         )
         self.pipeline, self.run_id = pipeline, row["id"]
+        pipeline.keep_rejects = partial(
+            rejects.store, self.pool, row["id"], self.settings.rejects_keep
+        )
         life = RunLife(self, row["id"], pipeline, request)
         self.task = asyncio.create_task(life.execute(conn))
         # Let the task take its first step: a task cancelled before it starts never runs
@@ -215,11 +224,15 @@ class Runner:
     def task_done(self) -> bool:
         return self.task is None or self.task.done()
 
-    async def close(self) -> None:
-        """Cancel the active run (rolled back, status cancelled) and wait for it."""
+    async def close(self, webhook_grace: float = 0.0) -> None:
+        """Cancel the active run (rolled back, status cancelled) and wait for it.
+
+        Webhook deliveries get ``webhook_grace`` seconds, then are cancelled.
+        """
         if self.task is not None and not self.task.done():
             self.task.cancel()
             await asyncio.gather(self.task, return_exceptions=True)
+        await self.webhooks.close(webhook_grace)
 
 
 class RunLife:
@@ -267,7 +280,7 @@ class RunLife:
             self.stats = await pipeline.run(finalize)
             ending.status = "succeeded"
         except InputError as exc:
-            ending.errors = [e.to_dict() for e in exc.errors]
+            ending.errors = [e.to_dict() for e in exc.errors[:MAX_REPORTED_ERRORS]]
             ending.total, ending.message = exc.total, str(exc)
         except asyncio.CancelledError:
             ending.status, ending.message = "cancelled", CANCELLED
@@ -304,6 +317,7 @@ class RunLife:
             elif recorded is not None:
                 ending.status = recorded
         await self.store.unlock(lock_conn, self.run_id)
+        runner.webhooks.run_ended(self.run_id, self.request.options.callback_url)
         if self.request.cleanup is not None:
             await asyncio.to_thread(self.request.cleanup)
         workers = runner.executor
@@ -338,7 +352,7 @@ class RunLife:
 
 
 def _errors(pipeline: Pipeline) -> list[dict[str, Any]]:
-    return [e.to_dict() for e in pipeline.errors.errors]
+    return [e.to_dict() for e in pipeline.errors.errors[:MAX_REPORTED_ERRORS]]
 
 
 async def run_once(
@@ -353,7 +367,10 @@ async def run_once(
         with executor_for(settings) as executor:
             runner = Runner(pool, executor, settings)
             await recover(runner.store, settings)
-            return await runner.run_to_end(directory_request(source_dir, options))
+            try:
+                return await runner.run_to_end(directory_request(source_dir, options))
+            finally:
+                await runner.close(webhook_grace=runner.webhooks.patience())
 
 
 def directory_request(source_dir: Path, options: RunOptions | None = None) -> RunRequest:

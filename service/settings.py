@@ -28,6 +28,10 @@ ENV_VARS: dict[str, str] = {
     "ETL_WORKERS": "worker processes for parsing and aggregating (default: CPU count)",
     "ETL_DB_SCHEMA": "PostgreSQL schema holding the tables (default: the server's search_path)",
     "ETL_DB_TIMEOUT": "seconds a database call may go without an answer (default 60)",
+    "ETL_REJECTS_KEEP": "runs whose rejected rows are kept for download (default 20)",
+    "ETL_WEBHOOK_URL": "URL that receives a POST when a run ends",
+    "ETL_WEBHOOK_SECRET": "key of the HMAC-SHA256 signature of webhook bodies",
+    "ETL_WEBHOOK_ALLOW": "comma-separated hosts a run's callback_url may name",
 }
 
 
@@ -55,6 +59,14 @@ class Settings:
     lock_timeout: float = 5.0
     db_timeout: float = 60.0  # a statement, or a COPY without progress, fails after this
     reap_interval: float = 30.0  # how often a server looks for runs of dead replicas
+    rejects_keep: int = 20
+    webhook_url: str | None = None
+    webhook_secret: str | None = None
+    webhook_allow: tuple[str, ...] = ()
+    webhook_attempts: int = 5
+    webhook_backoff: float = 1.0  # seconds before the first retry, doubled for each next one
+    webhook_timeout: float = 10.0
+    zip_max_ratio: float = 200.0  # decompressed / compressed size of one zip member
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -99,6 +111,14 @@ class Settings:
             workers=max(1, get_int("ETL_WORKERS", base.workers)),
             db_schema=get("ETL_DB_SCHEMA"),
             db_timeout=get_float("ETL_DB_TIMEOUT", base.db_timeout),
+            rejects_keep=max(1, get_int("ETL_REJECTS_KEEP", base.rejects_keep)),
+            webhook_url=get("ETL_WEBHOOK_URL"),
+            webhook_secret=get("ETL_WEBHOOK_SECRET"),
+            webhook_allow=tuple(
+                host.strip().lower()
+                for host in (get("ETL_WEBHOOK_ALLOW") or "").split(",")
+                if host.strip()
+            ),
         )
 
     def with_overrides(self, **changes: object) -> Settings:

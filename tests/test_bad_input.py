@@ -26,7 +26,7 @@ from badinput import Tables, leftovers, replace, run_rows, scratch_tables, snaps
 
 from service.etl import RunOptions
 from service.jobs import run_once
-from service.pipeline.csvfile import FIELD_LIMIT, MAX_LINE_CHARS
+from service.pipeline.csvfile import ENCODING_HINT, FIELD_LIMIT, MAX_LINE_CHARS
 from service.pipeline.errors import MAX_REPORTED_ERRORS
 from service.settings import Settings
 
@@ -163,7 +163,7 @@ FAILURES: list[tuple[str, Callable[[Path], None], dict[str, Any]]] = [
     (
         "invalid_utf8",
         change(COMPOUNDS, b"Compound B", b"Compound \xe9"),
-        err(COMPOUNDS, 3, 2, "invalid UTF-8 (byte 0xe9 at character 13)"),
+        err(COMPOUNDS, 3, 2, "invalid UTF-8 (byte 0xe9 at character 13)" + ENCODING_HINT),
     ),
     (
         "utf16_file",

@@ -27,6 +27,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from badinput import run_rows
 from test_web_support import SMALL_CHUNKS, Client, Serve, entries, problem, wait_for
 
+from service.pipeline.csvfile import ENCODING_HINT
 from service.settings import Settings
 from service.web.app import create_app
 from service.web.intake import UPLOAD_FILES
@@ -216,7 +217,7 @@ async def test_compressed_upload_part_is_stored_as_sent_never_inflated(
             "line": 1,
             "column": 1,
             "field": None,
-            "message": "invalid UTF-8 (byte 0x8b at character 2)",
+            "message": "invalid UTF-8 (byte 0x8b at character 2)" + ENCODING_HINT,
         }
     ]
 

@@ -20,6 +20,7 @@ from test_web_support import (
     wait_for,
 )
 
+from service.etl import RunOptions
 from service.settings import Settings
 
 pytest_plugins = ["test_web_support"]
@@ -145,11 +146,11 @@ async def test_bad_bodies_are_rejected(client: Client) -> None:
 async def test_options_come_from_json_or_query(client: Client) -> None:
     async with client.post("/runs", json={"on_error": "skip", "max_errors": 5}) as response:
         run = await response.json()
-    assert run["options"] == {"on_error": "skip", "max_errors": 5}
+    assert run["options"] == RunOptions(on_error="skip", max_errors=5).to_json()
     await wait_for(client, run["id"], {"succeeded"})
     async with client.post("/runs", params={"on_error": "skip", "max_errors": "7"}) as response:
         run = await response.json()
-    assert run["options"] == {"on_error": "skip", "max_errors": 7}
+    assert run["options"] == RunOptions(on_error="skip", max_errors=7).to_json()
     await wait_for(client, run["id"], {"succeeded"})
 
 

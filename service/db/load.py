@@ -137,11 +137,13 @@ class StagedLoad:
         self,
         finalize: Callable[[Connection], Awaitable[None]],
         lock_timeout: float,
+        discard: bool = False,
     ) -> None:
         """Swap all staging tables in and run ``finalize`` in the same transaction.
 
         The swap needs an exclusive lock on each result table; a reader holding one
         must not stall it forever, so the lock wait is bounded and the swap retried.
+        ``discard`` (a dry run) drops the staging tables instead: nothing is replaced.
         """
         conn = self._conns[0]
         for attempt in range(1, SWAP_ATTEMPTS + 1):
@@ -149,7 +151,7 @@ class StagedLoad:
                 async with conn.transaction():
                     await conn.execute(f"SET LOCAL lock_timeout = '{int(lock_timeout * 1000)}ms'")
                     for table in sql.RESULT_TABLES:
-                        await conn.execute(sql.swap(table))
+                        await conn.execute(sql.drop_staging(table) if discard else sql.swap(table))
                     await finalize(conn)
                 return
             except asyncpg.LockNotAvailableError as exc:
@@ -223,8 +225,13 @@ class StagedLoad:
                 stalled = isinstance(exc, TimeoutError)
                 await asyncio.shield(self._abort(stalled))
         finally:
-            for conn in self._conns:
-                await self.pool.release(conn)
+            # Shielded: a cancellation arriving during one release left the others'
+            # connections checked out, and the pool's close then waited for them forever.
+            await asyncio.shield(self._release())
+
+    async def _release(self) -> None:
+        for conn in self._conns:
+            await self.pool.release(conn)
 
 
 def _terminate(conn: Connection) -> None:

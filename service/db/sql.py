@@ -56,6 +56,21 @@ CREATE TABLE IF NOT EXISTS etl_runs (
 CREATE UNIQUE INDEX IF NOT EXISTS etl_runs_one_active ON etl_runs ((true))
     WHERE status IN ('queued', 'running');
 CREATE INDEX IF NOT EXISTS etl_runs_status_id ON etl_runs (status, id DESC);
+-- Rejected rows of skip-mode runs (rejects: how many are kept, NULL when none or pruned)
+-- and the completion webhooks' delivery status.
+ALTER TABLE etl_runs ADD COLUMN IF NOT EXISTS rejects integer;
+ALTER TABLE etl_runs ADD COLUMN IF NOT EXISTS webhooks jsonb;
+CREATE TABLE IF NOT EXISTS etl_rejects (
+    run_id bigint NOT NULL REFERENCES etl_runs (id) ON DELETE CASCADE,
+    ordinal integer NOT NULL,
+    file text NOT NULL,
+    line integer,
+    col integer,
+    field text,
+    message text NOT NULL,
+    raw text,
+    PRIMARY KEY (run_id, ordinal)
+);
 """
 
 # Serialises schema creation between processes starting at the same time.
@@ -165,8 +180,27 @@ SELECT count(*) FILTER (WHERE pg_terminate_backend(pid))
 FROM unnest($1::int[]) AS pid WHERE pid <> pg_backend_pid()
 """
 LAST_SUCCESS = """
-SELECT * FROM etl_runs WHERE status = 'succeeded' ORDER BY finished_at DESC LIMIT 1
+SELECT * FROM etl_runs
+WHERE status = 'succeeded' AND NOT coalesce((options->>'dry_run')::boolean, false)
+ORDER BY finished_at DESC LIMIT 1
 """
+
+REJECT_COLUMNS = ("run_id", "ordinal", "file", "line", "col", "field", "message", "raw")
+DELETE_REJECTS = "DELETE FROM etl_rejects WHERE run_id = $1"
+SET_REJECTS = "UPDATE etl_runs SET rejects = $2 WHERE id = $1"
+# Keeps the rejects of the newest $1 runs that have some.
+PRUNE_REJECTS = """
+WITH old AS (
+    SELECT id FROM etl_runs WHERE rejects IS NOT NULL ORDER BY id DESC OFFSET $1
+), gone AS (
+    DELETE FROM etl_rejects WHERE run_id IN (SELECT id FROM old)
+)
+UPDATE etl_runs SET rejects = NULL WHERE id IN (SELECT id FROM old)
+"""
+REJECTS_OF_RUN = """
+SELECT file, line, col, field, message, raw FROM etl_rejects WHERE run_id = $1 ORDER BY ordinal
+"""
+SET_WEBHOOKS = "UPDATE etl_runs SET webhooks = $2::jsonb WHERE id = $1"
 
 # Users' features from the three tables; the pages add their own WHERE (queries.py).
 FEATURES = """

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .csvfile import FilePlan
-from .errors import ErrorLog, FileOrder, RowError
+from .errors import MAX_REPORTED_ERRORS, ErrorLog, FileOrder, RowError
 from .features import (
     AverageRow,
     CountRow,
@@ -83,11 +83,13 @@ class IdCheck(Checked):
     rejected: list[int] = field(default_factory=list)  # lines of the later occurrences
 
 
-def check_experiment_ids(extents: Sequence[Extent], plan: FilePlan) -> IdCheck:
+def check_experiment_ids(
+    extents: Sequence[Extent], plan: FilePlan, keep: int = MAX_REPORTED_ERRORS
+) -> IdCheck:
     """Find repeated experiment ids; each later occurrence names the line of the first."""
     flat = ",".join(read_lines(extents)).split(",")
     eids = flat[0::2]
-    result = IdCheck()
+    result = IdCheck(ErrorLog(keep))
     if len(set(eids)) == len(eids):
         return result
     repeats = list(later_occurrences(eids, list(map(int, flat[1::2]))))
@@ -112,10 +114,12 @@ class PartitionJob:
     users_plan: FilePlan
     experiments_plan: FilePlan
     rejected: frozenset[int] = frozenset()  # experiment lines already rejected
+    keep: int = MAX_REPORTED_ERRORS  # errors kept (skip mode keeps every rejected row)
 
     def error_log(self) -> ErrorLog:
         """Users' errors before the experiments', as the run reports them."""
-        return ErrorLog(order=FileOrder((self.users_plan.name, self.experiments_plan.name)))
+        files = (self.users_plan.name, self.experiments_plan.name)
+        return ErrorLog(self.keep, FileOrder(files))
 
 
 @dataclass

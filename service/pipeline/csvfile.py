@@ -26,6 +26,7 @@ from .errors import FileError, RowError
 
 BOM = b"\xef\xbb\xbf"
 MAX_LINE_CHARS = 1024 * 1024
+ENCODING_HINT = "; not UTF-8? give the file's encoding (option encoding, e.g. latin-1 or cp1252)"
 csv.field_size_limit(128 * 1024)
 FIELD_LIMIT = csv.field_size_limit()
 
@@ -195,7 +196,8 @@ def _decode(data: bytes, name: str, first_line: int) -> str:
                 name,
                 first_line + before.count(b"\n"),
                 prefix.count(",") + 1,
-                f"invalid UTF-8 (byte 0x{data[exc.start]:02x} at character {len(prefix) + 1})",
+                f"invalid UTF-8 (byte 0x{data[exc.start]:02x} at character {len(prefix) + 1})"
+                + ENCODING_HINT,
             )
         ) from None
     if "\x00" in text:
@@ -687,10 +689,23 @@ def _character_level(
 
 
 def _reader_batches(feed: _LenientQuotes) -> Iterator[Batch]:
-    reader = csv.reader(feed)
     rows: list[list[str]] = []
     starts: list[int] = []
     last = feed.line
+    for row, end in _feed_rows(feed):
+        starts.append(last + 1)
+        last = end
+        rows.append(row)
+        if len(rows) >= _BATCH_ROWS:
+            yield Batch(rows, starts)
+            rows, starts = [], []
+    if rows:
+        yield Batch(rows, starts)
+
+
+def _feed_rows(feed: _LenientQuotes) -> Iterator[tuple[list[str], int]]:
+    """Rows the csv module reads from ``feed``, and the line each ends on."""
+    reader = csv.reader(feed)
     while True:
         try:
             row = next(reader)
@@ -698,14 +713,15 @@ def _reader_batches(feed: _LenientQuotes) -> Iterator[Batch]:
             break
         except csv.Error as exc:
             raise feed.csv_error(exc) from None
-        starts.append(last + 1)
-        last = feed.line
-        rows.append(row)
-        if len(rows) >= _BATCH_ROWS:
-            yield Batch(rows, starts)
-            rows, starts = [], []
-    if rows:
-        yield Batch(rows, starts)
+        yield row, feed.line
+
+
+def lenient_rows(lines: Iterator[str], name: str, first: int) -> Iterator[tuple[list[str], int]]:
+    """Rows of ``lines`` (each ending in a newline) read with the exports' quoting, and
+    the line each row ends on; csv problems and an unclosed quote raise FileError."""
+    feed = _LenientQuotes(lines, name, first)
+    yield from _feed_rows(feed)
+    feed.check_closed()
 
 
 def character_level_batches(

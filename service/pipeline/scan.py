@@ -30,7 +30,7 @@ from .csvfile import (
     iter_batches,
     raw_blocks,
 )
-from .errors import ErrorLog, RowError
+from .errors import MAX_REPORTED_ERRORS, ErrorLog, RowError
 from .fields import FieldError, parse_compound_list, parse_id, parse_run_time
 from .spill import ColumnSpill, LineSpill, SpillIndex, canonical_keys, partitions_of
 
@@ -129,9 +129,10 @@ def scan_users(
     partitions: int,
     block: int = 8 << 20,
     stop: Stop | None = None,
+    keep: int = MAX_REPORTED_ERRORS,
 ) -> ScanResult:
     """Check a range of users.csv; spill (user_id, name, line) by user partition."""
-    log = ErrorLog()
+    log = ErrorLog(keep)
     result = ScanResult()
     col_id, col_name = plan.columns["user_id"], plan.columns["name"]
     with ColumnSpill(spill_dir, prefix, partitions) as spill:
@@ -181,9 +182,10 @@ def scan_experiments(
     partitions: int,
     block: int = 8 << 20,
     stop: Stop | None = None,
+    keep: int = MAX_REPORTED_ERRORS,
 ) -> ScanResult:
     """Check a range of the experiments; spill each valid row by user and by experiment id."""
-    log = ErrorLog()
+    log = ErrorLog(keep)
     result = ScanResult()
     fast = fastpath.eligible(plan)
     with (

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from .aggregate import write_compound_details
 from .csvfile import FilePlan
-from .errors import ErrorLog, FileError
+from .errors import MAX_REPORTED_ERRORS, ErrorLog, FileError
 from .scan import ScanResult, scan_compounds
 
 T = TypeVar("T")
@@ -58,9 +58,11 @@ def run_task(call: Callable[[], T], stop: Callable[[], None] | None = None) -> T
         gc.enable()
 
 
-def compounds_task(plan: FilePlan, details_file: Path, block: int) -> ScanResult:
+def compounds_task(
+    plan: FilePlan, details_file: Path, block: int, keep: int = MAX_REPORTED_ERRORS
+) -> ScanResult:
     """Read compounds.csv and write the details phase 2 joins to the top compounds."""
-    errors = ErrorLog()
+    errors = ErrorLog(keep)
     compounds = scan_compounds(plan, errors, block)
     details = {cid: (c.name, c.structure) for cid, c in compounds.items()}
     write_compound_details(details_file, details)

@@ -13,6 +13,7 @@ from typing import Any
 import asyncpg
 from aiohttp import web
 
+from .. import rejects
 from ..db import sql
 from ..runstore import ACTIVE
 from . import intake
@@ -58,6 +59,32 @@ async def list_runs(request: web.Request) -> web.Response:
 async def get_run(request: web.Request) -> web.Response:
     run = await request.app[RUNNER].get(int_param(request, "run_id"))
     return run_response(run)
+
+
+@routes.get("/runs/{run_id}/rejects.csv", allow_head=False)
+async def run_rejects(request: web.Request) -> web.StreamResponse:
+    """The rejected rows of a skip-mode run as CSV, streamed from the database."""
+    run = await request.app[RUNNER].get(int_param(request, "run_id"))
+    if run["rejects"] is None:
+        raise Problem(
+            404,
+            f"run {run['id']} kept no rejected rows (not a skip-mode run, still running,"
+            " or pruned: only the newest runs' are kept)",
+            title="No rejected rows",
+            kind="rejects-not-found",
+            run_id=run["id"],
+        )
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/csv; charset=utf-8",
+            "Content-Disposition": f'attachment; filename="run-{run["id"]}-rejects.csv"',
+        }
+    )
+    response[RUN_ID] = run["id"]
+    await response.prepare(request)
+    await rejects.write_csv(request.app[POOL], run["id"], response.write)
+    await response.write_eof()
+    return response
 
 
 @routes.post("/runs/{run_id}/cancel")

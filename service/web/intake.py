@@ -19,21 +19,27 @@ import aiofiles
 from aiohttp import BodyPartReader, MultipartReader, hdrs, web
 from aiohttp.http_exceptions import InvalidHeader
 
+from ..archive import ArchiveLimits, ArchiveRejected, extract_inputs
 from ..etl import RunOptions
+from ..inputs import DELIMITERS, check_encoding
 from ..jobs import RunRequest
 from ..pipeline.csvfile import SPECS
 from ..scratch import ScratchDir
 from ..settings import Settings
+from ..webhooks import check_callback
 from .errors import Problem
 
 # Upload part name -> the file name the pipeline looks for.
 UPLOAD_FILES = {spec.kind: spec.filenames[0] for spec in SPECS}
-OPTION_FIELDS = ("on_error", "max_errors")
+OPTION_FIELDS = ("on_error", "max_errors", "dry_run", "encoding", "delimiter", "callback_url")
+ARCHIVE_PART = "archive"  # a zip of the three files, instead of three parts
+ARCHIVE_FILE = "upload.zip"
 JSON_FIELDS = ("dataset", *OPTION_FIELDS)
 ON_ERROR = ("abort", "skip")
 CHUNK_BYTES = 256 * 1024
 MAX_FIELD_BYTES = 1024
 MAX_KEY_LENGTH = 255
+BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
 
 
 async def read_run_request(request: web.Request, settings: Settings) -> RunRequest:
@@ -53,7 +59,7 @@ async def read_run_request(request: web.Request, settings: Settings) -> RunReque
         raise Problem(
             408, f"the request body did not arrive within {settings.upload_timeout:g} s"
         ) from None
-    options = parse_options({**request.query, **fields})
+    options = parse_options({**request.query, **fields}, settings.webhook_allow)
     dataset = fields.get("dataset")
     if dataset is None:
         dataset = request.query.get("dataset", "")
@@ -93,8 +99,11 @@ def idempotency_key(request: web.Request) -> str | None:
     return key
 
 
-def parse_options(raw: Mapping[str, Any]) -> RunOptions:
-    """Options from JSON fields, query parameters or form parts (the latter two as text)."""
+def parse_options(raw: Mapping[str, Any], allow: tuple[str, ...] = ()) -> RunOptions:
+    """Options from JSON fields, query parameters or form parts (the latter two as text).
+
+    ``allow``: the hosts a ``callback_url`` may name (ETL_WEBHOOK_ALLOW).
+    """
     defaults = RunOptions()
     on_error = raw.get("on_error", defaults.on_error)
     if on_error not in ON_ERROR:
@@ -104,11 +113,39 @@ def parse_options(raw: Mapping[str, Any]) -> RunOptions:
         max_errors = int(max_errors)
     if isinstance(max_errors, bool) or not isinstance(max_errors, int) or max_errors < 0:
         raise Problem(422, f"max_errors must be an integer >= 0, got {max_errors!r}")
-    return RunOptions(on_error=on_error, max_errors=max_errors)
+    dry_run = raw.get("dry_run", defaults.dry_run)
+    if isinstance(dry_run, str) and dry_run.strip().lower() in BOOLEANS:
+        dry_run = BOOLEANS[dry_run.strip().lower()]
+    if not isinstance(dry_run, bool):
+        raise Problem(422, f"dry_run must be true or false, got {dry_run!r}")
+    encoding = raw.get("encoding", defaults.encoding)
+    try:
+        encoding = check_encoding(encoding)
+    except ValueError as exc:
+        raise Problem(422, f"encoding: {exc}") from None
+    delimiter = raw.get("delimiter", defaults.delimiter)
+    if delimiter not in DELIMITERS:
+        raise Problem(422, f"delimiter must be one of {', '.join(DELIMITERS)}, got {delimiter!r}")
+    callback_url = raw.get("callback_url")
+    if callback_url is not None:
+        if not isinstance(callback_url, str):
+            raise Problem(422, "callback_url must be a string")
+        try:
+            check_callback(callback_url, allow)
+        except ValueError as exc:
+            raise Problem(422, str(exc)) from None
+    return RunOptions(
+        on_error=on_error,
+        max_errors=max_errors,
+        dry_run=dry_run,
+        encoding=encoding,
+        delimiter=delimiter,
+        callback_url=callback_url,
+    )
 
 
 def resolve_dataset(data_dir: Path, name: str) -> tuple[Path, str]:
-    """The directory of a dataset name, checked to stay inside the data directory."""
+    """The directory (or zip) of a dataset name, checked to stay inside the data directory."""
     relative = Path(name)
     if "\0" in name or relative.is_absolute() or ".." in relative.parts:
         raise Problem(400, f"dataset must be a name inside the data directory, got {name!r}")
@@ -117,6 +154,8 @@ def resolve_dataset(data_dir: Path, name: str) -> tuple[Path, str]:
     if not path.is_relative_to(root):
         raise Problem(400, f"dataset {name!r} resolves outside the data directory")
     try:
+        if path.suffix.lower() == ".zip" and path.is_file():
+            return path, path.relative_to(root).as_posix()
         found = path.is_dir()
     except OSError as exc:  # e.g. a name longer than the file system allows
         raise Problem(
@@ -186,7 +225,9 @@ async def _upload(request: web.Request, settings: Settings, key: str | None) -> 
             files, fields = await _receive(reader, directory, settings.max_upload_bytes)
         except (ValueError, InvalidHeader) as exc:
             raise Problem(400, f"malformed multipart body: {exc}") from None
-        options = parse_options({**request.query, **fields})
+        options = parse_options({**request.query, **fields}, settings.webhook_allow)
+        if ARCHIVE_PART in files:
+            files[ARCHIVE_PART]["members"] = await _unpack(directory, settings)
     except BaseException:
         cleanup()
         raise
@@ -218,11 +259,12 @@ async def _receive(
         if name in OPTION_FIELDS:
             fields[name] = await _small_text(part)
             continue
-        if name not in UPLOAD_FILES:
-            expected = ", ".join([*UPLOAD_FILES, *OPTION_FIELDS])
+        if name not in UPLOAD_FILES and name != ARCHIVE_PART:
+            expected = ", ".join([*UPLOAD_FILES, ARCHIVE_PART, *OPTION_FIELDS])
             raise Problem(400, f"unexpected part {name!r}; expected {expected}")
         digest, size = hashlib.sha256(), 0
-        async with aiofiles.open(directory / UPLOAD_FILES[name], "wb") as out:
+        target = ARCHIVE_FILE if name == ARCHIVE_PART else UPLOAD_FILES[name]
+        async with aiofiles.open(directory / target, "wb") as out:
             while chunk := await part.read_chunk(CHUNK_BYTES):
                 size += len(chunk)
                 if total + size > limit:
@@ -231,10 +273,30 @@ async def _receive(
                 await out.write(chunk)
         total += size
         files[name] = {"bytes": size, "sha256": digest.hexdigest()}
+    if ARCHIVE_PART in files:
+        if len(files) > 1:
+            raise Problem(400, f"send either an {ARCHIVE_PART!r} part or the three files, not both")
+        return files, fields
     missing = [name for name in UPLOAD_FILES if name not in files]
     if missing:
-        raise Problem(400, f"missing upload parts: {', '.join(missing)}")
+        raise Problem(400, f"missing upload parts: {', '.join(missing)} (or one {ARCHIVE_PART!r})")
     return files, fields
+
+
+async def _unpack(directory: Path, settings: Settings) -> dict[str, str]:
+    """Extract an uploaded zip next to it, within the upload limit; then drop the zip.
+
+    Done before answering, so a bomb or an unsafe path is refused with a 4xx.
+    """
+    archive = directory / ARCHIVE_FILE
+    limits = ArchiveLimits(settings.max_upload_bytes, settings.zip_max_ratio)
+    try:
+        members = await asyncio.to_thread(extract_inputs, archive, directory, limits)
+    except ArchiveRejected as exc:
+        raise Problem(413 if exc.too_large else 400, f"the uploaded archive: {exc}") from None
+    finally:
+        await asyncio.to_thread(archive.unlink, True)
+    return members
 
 
 async def _small_text(part: BodyPartReader) -> str:

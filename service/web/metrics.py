@@ -56,7 +56,7 @@ class Metrics:
         for name, count in pipeline.progress.rows_read.items():
             self.rows.labels(file=name).inc(count)
         self.rejected.inc(pipeline.errors.total)
-        if status == "succeeded":
+        if status == "succeeded" and not pipeline.options.dry_run:  # a dry run loads nothing
             self.last_success.set_to_current_time()
 
     def render(self) -> bytes:

@@ -55,6 +55,29 @@ RUN_OPTIONS: dict[str, Any] = {
         "default": 1000,
         "description": "skip mode: fail when more rows than this are bad.",
     },
+    "dry_run": {
+        "type": "boolean",
+        "default": False,
+        "description": "Validate and compute everything, replace nothing; the run is "
+        "recorded with this option set.",
+    },
+    "encoding": {
+        "type": "string",
+        "default": "utf-8",
+        "description": "The files' text encoding (latin-1, cp1252, ...), transcoded to "
+        "UTF-8; recorded by its codec name (iso8859-1).",
+    },
+    "delimiter": {
+        "type": "string",
+        "enum": ["auto", ",", ";"],
+        "default": "auto",
+        "description": "auto: ; when a file's header line has ; and no comma, else ,.",
+    },
+    "callback_url": {
+        "type": ["string", "null"],
+        "description": "One more webhook target for this run; its host must be listed "
+        "in ETL_WEBHOOK_ALLOW.",
+    },
 }
 
 SCHEMAS: dict[str, Any] = {
@@ -92,11 +115,16 @@ SCHEMAS: dict[str, Any] = {
     },
     "Upload": {
         "type": "object",
-        "required": ["users", "experiments", "compounds"],
+        "description": "The three files as parts, or one zip of them as the part archive.",
+        "anyOf": [
+            {"required": ["users", "experiments", "compounds"]},
+            {"required": ["archive"]},
+        ],
         "properties": {
             "users": {"type": "string", "contentMediaType": "text/csv"},
             "experiments": {"type": "string", "contentMediaType": "text/csv"},
             "compounds": {"type": "string", "contentMediaType": "text/csv"},
+            "archive": {"type": "string", "contentMediaType": "application/zip"},
             **RUN_OPTIONS,
         },
     },
@@ -135,6 +163,38 @@ SCHEMAS: dict[str, Any] = {
             "rows_rejected": {"type": "integer"},
             "duration_s": {"type": "number"},
             "phases_s": {"type": "object", "additionalProperties": {"type": "number"}},
+            "inputs": {
+                "type": "object",
+                "description": "archive (a zip's name or null) and, per file, its name, "
+                "compression, whether it was decompressed, encoding and delimiter.",
+                "properties": {
+                    "archive": _nullable("string"),
+                    "files": {"type": "object", "additionalProperties": _ref("InputFile")},
+                },
+            },
+        },
+    },
+    "InputFile": {
+        "type": "object",
+        "required": ["file", "compression", "decompressed", "encoding", "delimiter"],
+        "properties": {
+            "file": {"type": "string"},
+            "compression": {"enum": ["gzip", "bzip2", "zstd", None]},
+            "decompressed": {"type": "boolean"},
+            "encoding": {"type": "string"},
+            "delimiter": {"enum": [",", ";"]},
+        },
+    },
+    "Delivery": {
+        "type": "object",
+        "required": ["url", "status", "attempts"],
+        "properties": {
+            "url": {"type": "string", "description": "without credentials or query"},
+            "status": {"enum": ["pending", "delivered", "failed", "cancelled"]},
+            "attempts": {"type": "integer"},
+            "http_status": {"type": "integer"},
+            "error": {"type": "string", "description": "the last attempt's failure"},
+            "delivered_at": {"type": "string", "format": "date-time"},
         },
     },
     "Run": {
@@ -175,6 +235,24 @@ SCHEMAS: dict[str, Any] = {
             "errors": {"type": "array", "items": _ref("RowError")},
             "error_total": {"type": "integer"},
             "message": _nullable("string"),
+            "rejects": {
+                "description": "Skip mode: the rejected rows kept (null when none are kept).",
+                "oneOf": [
+                    {
+                        "type": "object",
+                        "required": ["count", "href"],
+                        "properties": {
+                            "count": {"type": "integer"},
+                            "href": {"type": "string", "format": "uri-reference"},
+                        },
+                    },
+                    {"type": "null"},
+                ],
+            },
+            "webhooks": {
+                "description": "Completion webhook deliveries (null when none configured).",
+                "oneOf": [{"type": "array", "items": _ref("Delivery")}, {"type": "null"}],
+            },
         },
     },
     "RunList": {
@@ -240,6 +318,10 @@ PATHS: dict[str, Any] = {
                 {"name": "dataset", "in": "query", "schema": {"type": "string"}},
                 {"name": "on_error", "in": "query", "schema": RUN_OPTIONS["on_error"]},
                 {"name": "max_errors", "in": "query", "schema": RUN_OPTIONS["max_errors"]},
+                {"name": "dry_run", "in": "query", "schema": RUN_OPTIONS["dry_run"]},
+                {"name": "encoding", "in": "query", "schema": RUN_OPTIONS["encoding"]},
+                {"name": "delimiter", "in": "query", "schema": RUN_OPTIONS["delimiter"]},
+                {"name": "callback_url", "in": "query", "schema": {"type": "string"}},
             ],
             "requestBody": {
                 "required": False,
@@ -253,12 +335,18 @@ PATHS: dict[str, Any] = {
                     **_json(_ref("Run"), "Run accepted (or the run of the same Idempotency-Key)."),
                     "headers": {"Location": {"schema": {"type": "string"}}},
                 },
-                "400": _problem("Malformed body, bad dataset path, or bad Idempotency-Key."),
+                "400": _problem(
+                    "Malformed body, bad dataset path, bad Idempotency-Key, or an uploaded "
+                    "zip that is unreadable, lacks a file or has a path leaving it."
+                ),
                 "401": UNAUTHORIZED,
                 "404": _problem("No such dataset."),
                 "408": _problem("The body did not arrive in time."),
                 "409": _problem("A run is already queued or running (see active_run_id)."),
-                "413": _problem("Upload larger than the limit."),
+                "413": _problem(
+                    "Upload larger than the limit; for a zip, its files decompressed, or a "
+                    "member inflating past the ratio limit (a zip bomb)."
+                ),
                 "415": _problem("Unsupported Content-Type or Content-Encoding."),
                 "422": _problem("Invalid options, or Idempotency-Key reused for another request."),
                 "503": _unavailable(),
@@ -297,6 +385,26 @@ PATHS: dict[str, Any] = {
                 "400": BAD_ID,
                 "401": UNAUTHORIZED,
                 "404": _problem("No such run."),
+                "503": _unavailable(),
+            },
+        }
+    },
+    "/runs/{run_id}/rejects.csv": {
+        "get": {
+            "summary": "A skip-mode run's rejected rows as CSV, streamed",
+            "description": "Columns file, line, column, field, message, raw (the row's "
+            "first physical line as in the input). Kept for the newest ETL_REJECTS_KEEP "
+            "runs.",
+            "security": BEARER,
+            "parameters": [RUN_ID_PARAM],
+            "responses": {
+                "200": {
+                    "description": "The rejected rows.",
+                    "content": {"text/csv": {"schema": {"type": "string"}}},
+                },
+                "400": BAD_ID,
+                "401": UNAUTHORIZED,
+                "404": _problem("No such run, or no rejected rows kept for it."),
                 "503": _unavailable(),
             },
         }
