@@ -63,9 +63,16 @@ async def test_run_is_accepted_polled_to_success_and_features_served(client: Cli
     async with client.get("/runs", params={"status": "failed"}) as response:
         assert (await response.json())["runs"] == []
 
-    async with client.get("/metrics") as response:
-        assert response.status == 200
-        text = await response.text()
+    # The run is recorded succeeded inside its swap; the process then drops the replaced
+    # tables and its scratch files, and only then stops counting the run as in progress.
+    async with asyncio.timeout(10):
+        while True:
+            async with client.get("/metrics") as response:
+                assert response.status == 200
+                text = await response.text()
+            if "etl_run_in_progress 0.0" in text:
+                break
+            await asyncio.sleep(0.05)
     assert 'etl_runs_total{status="succeeded"} 1.0' in text
     assert 'etl_rows_processed_total{file="experiments"} 11.0' in text
     assert "etl_run_in_progress 0.0" in text
