@@ -15,6 +15,7 @@ import asyncpg
 import click
 from aiohttp import web
 
+from .cluster import ClusterError, shared_paths
 from .db import sql
 from .db.database import Pool, open_pool
 from .etl import RunOptions, executor_for
@@ -63,13 +64,15 @@ def build_settings(**flags: Any) -> Settings:
         host = parts["db_host"] or "127.0.0.1"
         port = parts["db_port"] or 5432
         url = f"postgresql://{user}{password}@{host}:{port}/{quote(parts['db_name'] or 'postgres')}"
-    return settings.with_overrides(database_url=url, **flags)
+    return shared_paths(settings.with_overrides(database_url=url, **flags))
 
 
 def on_database(settings: Settings, work: Coroutine[Any, Any, T]) -> T:
-    """Run ``work``; an unreachable database is a one-line error, not a traceback."""
+    """Run ``work``; an unreachable database or cluster is a one-line error, not a traceback."""
     try:
         return asyncio.run(work)
+    except ClusterError as exc:
+        raise click.ClickException(str(exc)) from None
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise click.ClickException(
             f"cannot use the database at {where_data_went(settings)}: {exc}"
@@ -99,11 +102,12 @@ def main(log_level: str | None) -> None:
 @click.option("--on-error", type=click.Choice(["abort", "skip"]), default="abort")
 @click.option("--max-errors", type=int, default=1000, help="Skip mode: fail past this many.")
 @click.option("--workers", type=int, help="Worker processes (default: CPU count).")
+@click.option("--dask-scheduler", help="Run the tasks on this Dask cluster (tcp://HOST:PORT).")
 def run(data_dir: Path, on_error: str, max_errors: int, **flags: Any) -> None:
     """Run the ETL once on DATA_DIR (default ./data)."""
     settings = build_settings(**flags)
     options = RunOptions(on_error=on_error, max_errors=max_errors)  # type: ignore[arg-type]
-    result = on_database(settings, _run_once(settings, data_dir, options))
+    result = on_database(settings, _run_once(settings, data_dir.resolve(), options))
     if result["status"] != "succeeded":
         click.secho(
             f"Run {result['id']} {result['status']}: {result['message']}", fg="red", err=True
@@ -251,6 +255,7 @@ def generate_command(
 @click.option("--port", "bind_port", type=int, help="Port to listen on (default 8080).")
 @database_options("--db-user", host="--db-host", port="--db-port")
 @click.option("--workers", type=int, help="Worker processes (default: CPU count).")
+@click.option("--dask-scheduler", help="Run the tasks on this Dask cluster (tcp://HOST:PORT).")
 def serve(bind_host: str | None, bind_port: int | None, **flags: Any) -> None:
     """Serve the HTTP API (described at /openapi.json) until SIGTERM or Ctrl-C."""
     use_json_logs()
@@ -277,6 +282,7 @@ def serve(bind_host: str | None, bind_port: int | None, **flags: Any) -> None:
 )
 @database_options()
 @click.option("--workers", type=int, help="Worker processes (default: CPU count).")
+@click.option("--dask-scheduler", help="Run the tasks on this Dask cluster (tcp://HOST:PORT).")
 def bench(sizes: str, quick: bool, cache_dir: Path, **flags: Any) -> None:
     """Time the whole pipeline on generated data into PostgreSQL; print a table."""
     from .bench import QUICK, SIZES, run_bench

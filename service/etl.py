@@ -30,6 +30,7 @@ from multiprocessing import get_context, parent_process
 from pathlib import Path
 from typing import Any, Literal, ParamSpec, TypeVar
 
+from .cluster import open_executor
 from .db.database import Connection, Pool
 from .db.load import StagedLoad
 from .pipeline.aggregate import aggregate_spilled, write_compound_details
@@ -107,7 +108,8 @@ class StopFile:
     path: Path
 
     def __call__(self, _rows: int) -> None:
-        if self.path.exists():
+        # A removed run directory stops too: a released Dask task may still be running.
+        if self.path.exists() or not self.path.parent.exists():
             raise Cancelled()
 
 
@@ -490,7 +492,7 @@ class _Guarded:
 
 @contextlib.contextmanager
 def executor_for(settings: Settings) -> Any:
-    executor = make_executor(settings.workers)
+    executor = open_executor(settings)
     try:
         yield executor
     finally:

@@ -20,6 +20,7 @@ from typing import Any
 
 import asyncpg
 
+from .cluster import ClusterError, not_ready
 from .db import sql
 from .db.database import Connection, Pool, ensure_schema
 from .etl import Pipeline, RunOptions, RunStats
@@ -122,6 +123,8 @@ class Runner:
         """Record a queued run and start it in the background; the run as JSON."""
         if not self.ready:
             raise DatabaseUnavailable("the database has not answered since start-up")
+        if (problem := not_ready(self.executor)) is not None:
+            raise ClusterError(problem)
         if request.idempotency_key:
             existing = await self._by_key(request)
             if existing is not None:

@@ -26,6 +26,7 @@ ENV_VARS: dict[str, str] = {
     "ETL_EMBEDDED_DIR": "data directory of the embedded PostgreSQL",
     "ETL_WORKERS": "worker processes for parsing and aggregating (default: CPU count)",
     "ETL_DB_SCHEMA": "PostgreSQL schema holding the tables (default: the server's search_path)",
+    "ETL_DASK_SCHEDULER": "Dask scheduler address (tcp://HOST:PORT); unset means local processes",
 }
 
 
@@ -46,6 +47,7 @@ class Settings:
     embedded_dir: Path = field(default_factory=default_embedded_dir)
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     db_schema: str | None = None
+    dask_scheduler: str | None = None
     # Tuning knobs for tests and benchmarks: None means "chosen from the input size".
     partitions: int | None = None
     chunk_bytes: int = 8 * 1024 * 1024
@@ -82,6 +84,7 @@ class Settings:
             embedded_dir=Path(get("ETL_EMBEDDED_DIR") or base.embedded_dir),
             workers=max(1, get_int("ETL_WORKERS", base.workers)),
             db_schema=get("ETL_DB_SCHEMA"),
+            dask_scheduler=get("ETL_DASK_SCHEDULER"),
         )
 
     def with_overrides(self, **changes: object) -> Settings:

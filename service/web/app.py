@@ -14,9 +14,9 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from ..cluster import open_executor
 from ..db import sql
 from ..db.database import open_pool
-from ..etl import make_executor
 from ..jobs import Runner
 from ..settings import Settings
 from .auth import bearer_auth
@@ -57,7 +57,7 @@ async def database(app: web.Application) -> AsyncIterator[None]:
 
 
 async def executor(app: web.Application) -> AsyncIterator[None]:
-    app[EXECUTOR] = await asyncio.to_thread(make_executor, app[SETTINGS].workers)
+    app[EXECUTOR] = await asyncio.to_thread(open_executor, app[SETTINGS], keep_trying=True)
     yield
     await asyncio.to_thread(app[EXECUTOR].shutdown, wait=True, cancel_futures=True)
 

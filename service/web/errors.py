@@ -14,6 +14,7 @@ import asyncpg
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from ..cluster import ClusterError
 from ..jobs import (
     DatabaseUnavailable,
     IdempotencyMismatch,
@@ -106,6 +107,14 @@ def from_domain(exc: Exception) -> Problem | None:
                 f"the database is unavailable ({type(exc).__name__}); try again shortly",
                 title="Database unavailable",
                 kind="database-unavailable",
+                headers={"Retry-After": "5"},
+            )
+        case ClusterError():
+            return Problem(
+                503,
+                str(exc),
+                title="Dask cluster unavailable",
+                kind="cluster-unavailable",
                 headers={"Retry-After": "5"},
             )
         case IdempotencyMismatch():

@@ -13,11 +13,12 @@ from typing import Any
 import asyncpg
 from aiohttp import web
 
+from ..cluster import not_ready
 from ..db import sql
 from ..jobs import ACTIVE
 from . import intake
 from .errors import Problem
-from .keys import METRICS, POOL, RUN_ID, RUNNER, SETTINGS
+from .keys import EXECUTOR, METRICS, POOL, RUN_ID, RUNNER, SETTINGS
 from .metrics import CONTENT_TYPE
 from .openapi import DOCUMENT
 
@@ -85,7 +86,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 @routes.get("/readyz", allow_head=False)
 async def readyz(request: web.Request) -> web.Response:
-    """Ready: the database answers and the schema is in place, within a second."""
+    """Ready: the database answers, the schema is in place, the Dask cluster (if any) is usable."""
     try:
         async with asyncio.timeout(READY_TIMEOUT), request.app[POOL].acquire() as conn:
             ready = await conn.fetchval(sql.SCHEMA_READY)
@@ -96,6 +97,9 @@ async def readyz(request: web.Request) -> web.Response:
         ) from None
     if not ready:
         raise Problem(503, "database schema missing", headers={"Retry-After": "5"})
+    unready = not_ready(request.app[EXECUTOR])
+    if unready is not None:
+        raise Problem(503, unready, headers={"Retry-After": "5"})
     return web.json_response({"status": "ready"})
 
 
