@@ -70,6 +70,16 @@ def not_ready(executor: Executor) -> str | None:
     return executor.problem if isinstance(executor, DaskExecutor) else None
 
 
+def sized_for(settings: Settings, executor: Executor) -> Settings:
+    """``settings`` with ``workers`` the cluster's worker threads, as of now.
+
+    The pipeline cuts a run into rounds of ``workers`` tasks and keeps that many busy; on
+    a cluster the count is the cluster's, which may have grown since the last run.
+    """
+    threads = executor.threads if isinstance(executor, DaskExecutor) else 0
+    return dataclasses.replace(settings, workers=threads) if threads else settings
+
+
 def shared_paths(settings: Settings) -> Settings:
     """Paths made absolute: workers resolve a relative path against their own directory."""
     if settings.dask_scheduler is None:
@@ -111,6 +121,14 @@ class DaskExecutor(Executor):
         if not client.scheduler_info().get("workers"):
             return f"no Dask workers are connected to the scheduler at {self.address}"
         return None
+
+    @property
+    def threads(self) -> int:
+        """Worker threads in the cluster, from the client's copy of the scheduler's state."""
+        client = self._client
+        if client is None:
+            return 0
+        return sum(w.get("nthreads", 0) for w in client.scheduler_info()["workers"].values())
 
     def connect(self) -> None:
         """Connect (again, if the client was lost) and check the cluster; or ClusterError."""

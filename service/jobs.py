@@ -20,7 +20,7 @@ from typing import Any
 
 import asyncpg
 
-from .cluster import ClusterError, not_ready
+from .cluster import ClusterError, not_ready, sized_for
 from .db import sql
 from .db.database import Connection, Pool, ensure_schema
 from .etl import Pipeline, RunOptions, RunStats
@@ -154,9 +154,8 @@ class Runner:
             if request.cleanup is not None:
                 request.cleanup()
             raise
-        pipeline = Pipeline(
-            self.settings, self.pool, self.executor, request.source_dir, request.options
-        )
+        settings = sized_for(self.settings, self.executor)
+        pipeline = Pipeline(settings, self.pool, self.executor, request.source_dir, request.options)
         self.pipeline, self.run_id = pipeline, row["id"]
         self.task = asyncio.create_task(self._execute(conn, row["id"], pipeline, request))
         # Let the task take its first step: a task cancelled before it starts never runs

@@ -211,7 +211,7 @@ def free_port() -> int:
 
 
 async def serve_a_running_run(
-    settings: Settings, big_dataset: Path, log_path: Path
+    settings: Settings, big_dataset: Path, log_path: Path, **more_env: str
 ) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
     """``experiment-etl serve`` in a subprocess with a long run going; the process and run."""
     port = free_port()
@@ -223,6 +223,7 @@ async def serve_a_running_run(
         "ETL_TMP_DIR": str(settings.tmp_dir),
         "ETL_WORKERS": "2",
         "ETL_API_TOKEN": "",
+        **more_env,
     }
     process = start_server(port, env, log_path)
     try:
