@@ -293,4 +293,5 @@ def bench(sizes: str, quick: bool, cache_dir: Path, **flags: Any) -> None:
         raise click.BadParameter(f"unknown size {unknown[0]!r}; choose from {', '.join(SIZES)}")
     flags["db_schema"] = flags.get("db_schema") or "etl_bench"
     settings = build_settings(**flags)
-    click.echo(run_bench(settings, [SIZES[label] for label in labels], cache_dir))
+    sizes_run = [SIZES[label] for label in labels]
+    click.echo(run_bench(settings, sizes_run, cache_dir.resolve()))  # workers share the path

@@ -21,7 +21,7 @@ import os
 import threading
 import uuid
 from collections.abc import Callable
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor, Future, InvalidStateError
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
@@ -186,7 +186,33 @@ class DaskExecutor(Executor):
         problem = self.problem
         if executor is None or problem is not None:
             raise ClusterError(problem or f"not connected to the Dask scheduler at {self.address}")
-        return executor.submit(fn, *args, **kwargs)
+        return self._relay(executor.submit(fn, *args, **kwargs))
+
+    def _relay(self, inner: Future[T]) -> Future[T]:
+        """A future for the caller: its cancel releases the task; Dask's is a failure.
+
+        The client cancels its futures itself when it loses the scheduler: a run must
+        then fail, saying so, not pass for one a user cancelled.
+        """
+        outer: Future[T] = Future()
+
+        def settle(done: Future[T]) -> None:
+            with contextlib.suppress(InvalidStateError):  # cancelled by the caller meanwhile
+                if done.cancelled():
+                    problem = self.problem or "the Dask scheduler cancelled it"
+                    outer.set_exception(ClusterError(f"the Dask cluster dropped a task: {problem}"))
+                elif (error := done.exception()) is not None:
+                    outer.set_exception(error)
+                else:
+                    outer.set_result(done.result())
+
+        def release(done: Future[T]) -> None:
+            if done.cancelled():
+                inner.cancel()
+
+        outer.add_done_callback(release)
+        inner.add_done_callback(settle)
+        return outer
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         self._closed.set()

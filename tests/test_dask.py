@@ -317,3 +317,29 @@ def test_version_mismatch_names_each_package_and_where() -> None:
     )
     versions["workers"]["tcp://b:2"] = {"packages": same}
     assert version_mismatch(versions) == ""
+
+
+async def test_losing_the_scheduler_mid_run_fails_the_run_saying_so(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = generated(tmp_path / "generated", "dense", experiments=40_000)
+    monkeypatch.setattr(etl, "RANGE_BYTES", 24 << 10)
+    with running_cluster(tmp_path / "lost", workers=1) as lost:
+        forced = on(lost, settings, partitions=48)
+        async with open_pool(forced) as pool:
+            with etl.executor_for(forced) as executor:
+                runner = Runner(pool, executor, forced)
+                await runner.submit(directory_request(source))
+                while runner.pipeline is None or not runner.pipeline.progress.partitions_done:
+                    assert runner.task is not None and not runner.task.done()
+                    await asyncio.sleep(0.005)
+                assert lost.scheduler is not None
+                os.killpg(lost.scheduler.pid, signal.SIGKILL)
+                started = time.monotonic()
+                run = await runner.wait()
+                assert time.monotonic() - started < 15
+    assert run is not None and run["status"] == "failed", run
+    assert run["message"].startswith(
+        f"ClusterError: the Dask cluster dropped a task: lost the Dask scheduler at {lost.address}"
+    ), run["message"]
+    assert list(settings.tmp_dir.iterdir()) == []
