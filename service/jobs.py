@@ -215,6 +215,9 @@ class Runner:
             outcome.total, outcome.message = exc.total, str(exc)
         except asyncio.CancelledError:
             outcome.status, outcome.message = "cancelled", "cancelled; nothing was loaded"
+        except ClusterError as exc:  # an operational fault: one line, no traceback
+            log.error("run failed", extra={"run_id": run_id, "event": "error", "detail": str(exc)})
+            outcome.message = str(exc)
         except Exception as exc:
             log.exception("run failed", extra={"run_id": run_id, "event": "error"})
             outcome.message = f"{type(exc).__name__}: {exc}"

@@ -340,6 +340,6 @@ async def test_losing_the_scheduler_mid_run_fails_the_run_saying_so(
                 assert time.monotonic() - started < 15
     assert run is not None and run["status"] == "failed", run
     assert run["message"].startswith(
-        f"ClusterError: the Dask cluster dropped a task: lost the Dask scheduler at {lost.address}"
+        f"the Dask cluster dropped a task: lost the Dask scheduler at {lost.address}"
     ), run["message"]
     assert list(settings.tmp_dir.iterdir()) == []
