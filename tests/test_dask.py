@@ -169,7 +169,9 @@ async def test_serve_on_dask_cancels_within_seconds_and_keeps_previous_results(
     started = time.monotonic()
 
     async def on_dask(**changes: Any) -> Any:
-        return await serve(dask_scheduler=dask.address, **changes)
+        client = await serve(dask_scheduler=dask.address, **changes)
+        await until_ready(client)
+        return client
 
     await cancel_keeps_previous_results(on_dask, big)
     assert time.monotonic() - started < 30
