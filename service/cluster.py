@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import logging
 import os
@@ -366,8 +367,13 @@ def probe_worker(tmp_dir: str, token: str, data_dir: str, dask_worker: Any = Non
     return Probe(fingerprint, wrote=str(mine))
 
 
+@functools.cache
 def code_fingerprint() -> str:
-    """A hash of this package's source: a worker with other code would compute otherwise."""
+    """A hash of this package's source: a worker with other code would compute otherwise.
+
+    Taken once per process, when the code is first loaded, not each time: a long-lived
+    worker whose files were changed under it still runs the old code.
+    """
     root = Path(__file__).resolve().parent
     digest = hashlib.sha256()
     for path in sorted(root.rglob("*.py")):
