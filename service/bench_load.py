@@ -17,33 +17,32 @@ import asyncio
 import dataclasses
 import sys
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, ParamSpec, TypeVar, cast
 
 import asyncpg
 import click
 
-from .cluster import open_executor, sized_for
+from .cluster import ClusterError, open_executor, sized_for
 from .db import sql
 from .db.database import Connection, connect_kwargs, open_pool
-from .db.load import StagedLoad
 from .etl import Pipeline, RunOptions, RunStats
-from .pipeline.aggregate import aggregate_spilled, write_compound_details
-from .pipeline.scan import Compounds, ScanResult
-from .pipeline.spill import Piece
+from .pipeline.aggregate import aggregate_spilled
+from .pipeline.features import FeatureRows
 from .settings import Settings
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 def aggregate_and_copy(
-    user_spills: Sequence[Piece],
-    experiment_spills: Sequence[Piece],
-    total: int,
-    compounds_file: Path,
-    url: str,
-    settings: Settings,
+    arguments: tuple[Any, ...], url: str | None, settings: Settings
 ) -> dict[str, int]:
-    """One partition task that loads its own rows: rows per staging table."""
-    rows = aggregate_spilled(user_spills, experiment_spills, total, compounds_file)
+    """One partition task (``aggregate_spilled(*arguments)``) that loads its own rows."""
+    assert url is not None
+    rows = aggregate_spilled(*arguments)
     batches: dict[str, Sequence[tuple[object, ...]]] = {
         "experiment_counts": rows.counts,
         "experiment_averages": rows.averages,
@@ -68,39 +67,23 @@ async def _copy(
 
 
 class TaskCopyPipeline(Pipeline):
-    """The service's pipeline with phase 2 replaced: tasks COPY their own rows."""
+    """The service's pipeline whose partition tasks COPY their own rows.
 
-    async def _aggregate_into(
-        self,
-        load: StagedLoad,
-        workdir: Path,
-        partitions: int,
-        experiments: int,
-        compounds: Compounds,
-        users: ScanResult,
-    ) -> None:
-        details = {cid: (c.name, c.structure) for cid, c in compounds.by_id.items()}
-        details_file = workdir / "compounds.pkl"
-        await asyncio.to_thread(write_compound_details, details_file, details)
-        assert self.settings.database_url is not None
-        counts = await asyncio.gather(
-            *(
-                self._call(
-                    aggregate_and_copy,
-                    users.pieces[p],
-                    [piece for scan in self._exp_scans for piece in scan.pieces[p]],
-                    experiments,
-                    details_file,
-                    self.settings.database_url,
-                    self.settings,
-                )
-                for p in range(partitions)
-            )
-        )
-        for done in counts:
-            for table, rows in done.items():
-                load.streams[table].rows += rows
-        self.progress.partitions_done = partitions
+    It swaps the task behind ``_call(aggregate_spilled, ...)`` (the contract the
+    pipeline keeps) and hands the coordinator no rows to load.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.loaded: Counter[str] = Counter()
+
+    async def _call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        if fn is not aggregate_spilled:
+            return await super()._call(fn, *args, **kwargs)
+        url, settings = self.settings.database_url, self.settings
+        counts = await super()._call(aggregate_and_copy, tuple(args), url, settings)
+        self.loaded.update(counts)
+        return cast(T, FeatureRows([], [], []))
 
 
 async def measure(settings: Settings, source: Path, mode: str) -> RunStats:
@@ -113,7 +96,10 @@ async def measure(settings: Settings, source: Path, mode: str) -> RunStats:
             async def finalize(_conn: Connection, _stats: RunStats) -> None:
                 return None
 
-            return await pipeline.run(finalize)
+            stats = await pipeline.run(finalize)
+            if isinstance(pipeline, TaskCopyPipeline):
+                stats.rows_loaded = dict(pipeline.loaded)
+            return stats
         finally:
             await asyncio.to_thread(executor.shutdown, True, cancel_futures=True)
 
@@ -138,7 +124,10 @@ def main(
     )
     for mode in modes.split(","):
         started = time.perf_counter()
-        stats = asyncio.run(measure(settings, data_dir.resolve(), mode))
+        try:
+            stats = asyncio.run(measure(settings, data_dir.resolve(), mode))
+        except ClusterError as exc:
+            raise click.ClickException(str(exc)) from None
         phases = ", ".join(f"{k} {v:.2f}" for k, v in stats.phases_s.items())
         click.echo(
             f"{mode:>11}: {time.perf_counter() - started:.2f} s end to end "
