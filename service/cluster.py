@@ -1,9 +1,9 @@
 """Where the pipeline's tasks run: the local pool, or a Dask cluster (``ETL_DASK_SCHEDULER``).
 
 The pipeline only needs a ``concurrent.futures.Executor`` that takes picklable calls, so
-a cluster is one more executor: ``distributed.Client.get_executor()`` behind a thin
-adapter that knows whether the cluster can run this service's tasks at all. Without a
-scheduler configured, ``distributed`` is never imported.
+a cluster is one more executor: a thin adapter over ``distributed.Client.submit`` that
+knows whether the cluster can run this service's tasks at all. Without a scheduler
+configured, ``distributed`` is never imported.
 
 Before the first task the adapter checks what would otherwise fail later, or worse, give
 different results: package versions on the workers, the workers' copy of this code, and
@@ -93,8 +93,8 @@ def shared_paths(settings: Settings) -> Settings:
 class DaskExecutor(Executor):
     """A Dask cluster as the pipeline's executor.
 
-    ``submit`` hands each call to the cluster's client executor (``pure=False``: a
-    rescan of the same range is a new task). Cancelling a returned future releases its
+    ``submit`` hands each call to the cluster's client (``pure=False``: a rescan of the
+    same range is a new task). Cancelling a returned future releases its
     Dask task: a queued one never starts; a running one stops at its next batch through
     the run's stop file. A worker lost mid-task has the scheduler rerun that task on
     another worker; tasks rewrite their outputs, so a rerun leaves the same files.
@@ -105,31 +105,40 @@ class DaskExecutor(Executor):
         self.address = settings.dask_scheduler
         self.settings = shared_paths(settings)
         self._client: Any = None
-        self._executor: Executor | None = None
+        self._tasks: set[Any] = set()  # Dask futures not settled yet
         self._problem: str | None = f"not connected to the Dask scheduler at {self.address} yet"
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._monitor: threading.Thread | None = None
+        # Worker threads by worker, as last fetched (at connect, then by the monitor):
+        # reading them is never a call to the scheduler from the event loop.
+        self._nthreads: dict[str, int] = {}
 
     @property
     def problem(self) -> str | None:
-        """Why no task can run now, or None."""
+        """Why a run cannot start now, or None. Never asks the scheduler: cheap."""
+        lost = self._lost()
+        if lost is not None:
+            return lost
+        if not self._nthreads:
+            return f"no Dask workers are connected to the scheduler at {self.address}"
+        return None
+
+    def _lost(self) -> str | None:
         client = self._client
         if client is None:
             return self._problem
         if client.status != "running":
             return f"lost the Dask scheduler at {self.address} ({client.status})"
-        if not client.scheduler_info().get("workers"):
-            return f"no Dask workers are connected to the scheduler at {self.address}"
         return None
 
     @property
     def threads(self) -> int:
-        """Worker threads in the cluster, from the client's copy of the scheduler's state."""
-        client = self._client
-        if client is None:
-            return 0
-        return sum(w.get("nthreads", 0) for w in client.scheduler_info()["workers"].values())
+        """Worker threads in the cluster, as last counted."""
+        return sum(self._nthreads.values())
+
+    def _count(self, client: Any) -> None:
+        self._nthreads = dict(client.nthreads())
 
     def connect(self) -> None:
         """Connect (again, if the client was lost) and check the cluster; or ClusterError."""
@@ -143,12 +152,15 @@ class DaskExecutor(Executor):
             except ClusterError as exc:
                 self._problem = str(exc)
                 raise
-            self._client, self._executor = client, client.get_executor(pure=False)
+            self._count(client)
+            self._client = client
             self._problem = None
-        workers = len(client.scheduler_info().get("workers", {}))
         log.info(
             "running tasks on the Dask cluster",
-            extra={"event": "cluster", "detail": f"{self.address}, {workers} workers"},
+            extra={
+                "event": "cluster",
+                "detail": f"{self.address}: {len(self._nthreads)} workers, {self.threads} threads",
+            },
         )
 
     def keep_connected(self, wait: float) -> None:
@@ -168,7 +180,10 @@ class DaskExecutor(Executor):
         reported: str | None = None
         while not self._closed.is_set():
             client = self._client
-            if client is None or client.status != "running":
+            if client is not None and client.status == "running":
+                with contextlib.suppress(Exception):  # a lost scheduler: handled next round
+                    self._count(client)
+            else:
                 try:
                     self.connect()
                     reported = None
@@ -183,36 +198,51 @@ class DaskExecutor(Executor):
             self._closed.wait(RECONNECT_EVERY)
 
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
-        executor = self._executor
-        problem = self.problem
-        if executor is None or problem is not None:
-            raise ClusterError(problem or f"not connected to the Dask scheduler at {self.address}")
-        return self._relay(executor.submit(fn, *args, **kwargs))
+        # Only a lost client refuses tasks: with no worker for a moment, Dask queues them.
+        client = self._client
+        lost = self._lost()
+        if client is None or lost is not None:
+            raise ClusterError(lost or f"not connected to the Dask scheduler at {self.address}")
+        task = client.submit(fn, *args, pure=False, **kwargs)
+        with self._lock:
+            self._tasks.add(task)
+        return self._relay(task)
 
-    def _relay(self, inner: Future[T]) -> Future[T]:
-        """A future for the caller: its cancel releases the task; Dask's is a failure.
+    def _relay(self, task: Any) -> Future[T]:
+        """The caller's future for a Dask future: its cancel releases the task.
 
-        The client cancels its futures itself when it loses the scheduler: a run must
-        then fail, saying so, not pass for one a user cancelled.
+        Not ``Client.get_executor()``: its futures misread a result gathered after a
+        worker loss (the key rescheduled meanwhile) as an error, and a cancellation by
+        the client itself — which happens when it loses the scheduler — as the caller's.
+        Here a result is taken with ``result()``, which waits out a recomputation, and
+        the client's cancellation fails the run, saying so.
         """
         outer: Future[T] = Future()
 
-        def settle(done: Future[T]) -> None:
-            with contextlib.suppress(InvalidStateError):  # cancelled by the caller meanwhile
+        def settle(done: Any) -> None:  # in Dask's callback thread
+            with self._lock:
+                self._tasks.discard(done)
+            if outer.done():  # the caller cancelled it
+                return
+            try:
+                value = done.result()
+            except BaseException as exc:
+                error = exc
                 if done.cancelled():
                     problem = self.problem or "the Dask scheduler cancelled it"
-                    outer.set_exception(ClusterError(f"the Dask cluster dropped a task: {problem}"))
-                elif (error := done.exception()) is not None:
+                    error = ClusterError(f"the Dask cluster dropped a task: {problem}")
+                with contextlib.suppress(InvalidStateError):
                     outer.set_exception(error)
-                else:
-                    outer.set_result(done.result())
+                return
+            with contextlib.suppress(InvalidStateError):
+                outer.set_result(value)
 
         def release(done: Future[T]) -> None:
             if done.cancelled():
-                inner.cancel()
+                task.cancel()
 
         outer.add_done_callback(release)
-        inner.add_done_callback(settle)
+        task.add_done_callback(settle)
         return outer
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -220,16 +250,21 @@ class DaskExecutor(Executor):
         if self._monitor is not None:
             self._monitor.join()
         with self._lock:
-            if self._executor is not None:
-                # The client executor cancels its futures unless asked to wait for them.
-                self._executor.shutdown(wait=wait and not cancel_futures)
+            tasks, self._tasks = list(self._tasks), set()
+        if self._client is not None and tasks:
+            with contextlib.suppress(Exception):
+                if cancel_futures or not wait:
+                    self._client.cancel(tasks)
+                else:
+                    self._client.gather(tasks, errors="skip")
+        with self._lock:
             self._close_client()
 
     def _close_client(self) -> None:
         if self._client is not None:
             with contextlib.suppress(Exception):
                 self._client.close()
-        self._client = self._executor = None
+        self._client = None
 
 
 def _connect(address: str) -> Any:

@@ -8,6 +8,7 @@ nothing; cancelling stops the cluster's tasks; a cluster that cannot run the tas
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import inspect
 import os
@@ -16,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -100,46 +101,61 @@ async def test_dask_gives_the_local_results_on_generated_data(
     assert list(settings.tmp_dir.iterdir()) == []
 
 
-def kill_a_busy_worker(dask: Cluster) -> list[str]:
-    """SIGKILL a worker while it runs pipeline tasks (its nanny restarts it); their keys."""
+@contextlib.contextmanager
+def worker_killer(dask: Cluster, phase: Callable[[], str]) -> Iterator[Callable[[], Any]]:
+    """A call that SIGKILLs a worker while it runs a pipeline task (its nanny restarts it).
+
+    The client is connected beforehand, so the kill follows the call within milliseconds;
+    it returns the killed worker's task keys and the run's phase at the kill.
+    """
     with dask.client() as client:
         pids = client.run(os.getpid)
-        deadline = time.monotonic() + 10
-        while not (busy := {w: keys for w, keys in client.processing().items() if keys}):
-            assert time.monotonic() < deadline, "no worker got a task"
-    victim = sorted(busy)[0]
-    os.kill(pids[victim], signal.SIGKILL)
-    return list(busy[victim])
+
+        def kill() -> tuple[list[str], str]:
+            deadline = time.monotonic() + 10
+            while not (busy := {w: keys for w, keys in client.processing().items() if keys}):
+                assert time.monotonic() < deadline, "no worker got a task"
+            victim = sorted(busy)[0]
+            at = phase()
+            os.kill(pids[victim], signal.SIGKILL)
+            return list(busy[victim]), at
+
+        yield kill
 
 
 @pytest.mark.parametrize("phase", ["reading", "loading"])
 async def test_a_worker_killed_mid_run_changes_no_result(
     settings: Settings, dask: Cluster, monkeypatch: pytest.MonkeyPatch, phase: str
 ) -> None:
-    source = generated(settings.tmp_dir.parent / "generated", "dense", experiments=40_000)
-    monkeypatch.setattr(etl, "RANGE_BYTES", 24 << 10)  # ~40 range tasks, then 48 partitions
-    forced = on(dask, settings, partitions=48)
+    source = generated(settings.tmp_dir.parent / "generated", "dense", experiments=60_000)
+    monkeypatch.setattr(etl, "RANGE_BYTES", 16 << 10)  # ~90 range tasks, then 64 partitions
+    forced = on(dask, settings, partitions=64)
     async with open_pool(forced) as pool:
         with etl.executor_for(forced) as executor:
             runner = Runner(pool, executor, forced)
-            await runner.submit(directory_request(source))
-            assert runner.task is not None
 
-            def started() -> bool:
-                progress = runner.pipeline.progress if runner.pipeline else None
-                if progress is None or progress.phase != phase:
-                    return False
-                return bool(progress.rows_read["experiments"] or progress.partitions_done)
+            def now() -> str:
+                return runner.pipeline.progress.phase if runner.pipeline else "queued"
 
-            while not started():
-                assert not runner.task.done(), await runner.wait()
-                await asyncio.sleep(0.005)
-            lost = await asyncio.to_thread(kill_a_busy_worker, dask)
+            with worker_killer(dask, now) as kill:
+                await runner.submit(directory_request(source))
+                assert runner.task is not None
+                while (
+                    runner.pipeline is None
+                    or now() != phase
+                    or not (
+                        runner.pipeline.progress.rows_read["experiments"]
+                        or runner.pipeline.progress.partitions_done
+                    )
+                ):
+                    assert not runner.task.done(), await runner.wait()
+                    await asyncio.sleep(0.005)
+                lost, at = await asyncio.to_thread(kill)
             assert lost, "the killed worker was running a task, which Dask must run again"
-            assert runner.pipeline is not None and runner.pipeline.progress.phase == phase
+            assert at == phase
             assert not runner.task.done()
             run = await runner.wait()
-    assert run is not None and run["status"] == "succeeded", run
+    assert run is not None and run["status"] == "succeeded", run["message"]
     assert await loaded(forced) == obvious(source)
     assert list(settings.tmp_dir.iterdir()) == []
     await asyncio.to_thread(dask.wait_for_workers, 2)
