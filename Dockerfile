@@ -10,9 +10,10 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY service/ ./service/
 
-# Builds the project's wheel and collects a wheel for every dependency. Each of them
-# ships a manylinux wheel for CPython 3.11, so the builder needs no compiler either.
-RUN pip wheel --no-cache-dir --prefer-binary --wheel-dir /wheels .
+# Builds the project's wheel and collects a wheel for every dependency, the Dask extra
+# included (the same image runs the Dask scheduler and workers). Each of them ships a
+# manylinux or pure-Python wheel for CPython 3.11, so the builder needs no compiler either.
+RUN pip wheel --no-cache-dir --prefer-binary --wheel-dir /wheels ".[dask]"
 
 # ---- runtime: only the wheels, a non-root user and the sample dataset ------------------
 FROM python:3.11-slim-bookworm AS runtime
@@ -26,7 +27,8 @@ ENV PYTHONUNBUFFERED=1 \
 
 RUN groupadd --system --gid 10001 etl \
     && useradd --system --uid 10001 --gid etl --create-home --home-dir /home/etl \
-       --shell /usr/sbin/nologin etl
+       --shell /usr/sbin/nologin etl \
+    && install -d -o etl -g etl /var/lib/experiment-etl/spill
 
 COPY --from=builder /wheels /tmp/wheels
 RUN pip install --no-cache-dir --no-index --find-links=/tmp/wheels /tmp/wheels/*.whl \

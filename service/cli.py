@@ -15,6 +15,7 @@ import asyncpg
 import click
 from click.core import ParameterSource
 
+from .cluster import ClusterError, shared_paths
 from .db import sql
 from .db.database import Pool, open_pool
 from .etl import RunOptions
@@ -93,7 +94,7 @@ def build_settings(**flags: Any) -> Settings:
                 "give either the URL or the separate database flags"
             )
         url = database_url_from_parts(**parts)
-    return settings.with_overrides(database_url=url, **flags)
+    return shared_paths(settings.with_overrides(database_url=url, **flags))
 
 
 def database_url_from_parts(
@@ -127,9 +128,11 @@ def _spelled(names: list[str]) -> str:
 
 
 def on_database(settings: Settings, work: Coroutine[Any, Any, T]) -> T:
-    """Run ``work``; an unreachable database is a one-line error, not a traceback."""
+    """Run ``work``; an unreachable database or cluster is a one-line error, not a traceback."""
     try:
         return asyncio.run(work)
+    except ClusterError as exc:
+        raise click.ClickException(str(exc)) from None
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise click.ClickException(
             f"cannot use the database at {where_data_went(settings)}: {exc}"
@@ -169,6 +172,7 @@ def main(log_level: str | None) -> None:
 @click.option("--dry-run", is_flag=True, help="Validate and compute, replace nothing.")
 @click.option("--encoding", default="utf-8", help="The files' encoding (latin-1, cp1252, ...).")
 @click.option("--delimiter", type=click.Choice(DELIMITERS), default="auto")
+@click.option("--dask-scheduler", help="Run the tasks on this Dask cluster (tcp://HOST:PORT).")
 def run(
     data_dir: Path | None,
     data_dir_flag: Path | None,
@@ -201,7 +205,7 @@ def run(
         encoding=encoding,
         delimiter=delimiter,  # type: ignore[arg-type]
     )
-    result = on_database(settings, _run_once(settings, data_dir, options))
+    result = on_database(settings, _run_once(settings, data_dir.resolve(), options))
     if result["status"] != "succeeded":
         click.secho(
             f"Run {result['id']} {result['status']}: {result['message']}", fg="red", err=True
@@ -365,6 +369,7 @@ def generate_command(
 @click.option("--port", "bind_port", type=int, help="Port to listen on (default 8080).")
 @database_options("--db-user", host="--db-host", port="--db-port")
 @click.option("--workers", type=int, help="Worker processes (default: CPU count).")
+@click.option("--dask-scheduler", help="Run the tasks on this Dask cluster (tcp://HOST:PORT).")
 def serve(bind_host: str | None, bind_port: int | None, **flags: Any) -> None:
     """Serve the HTTP API (described at /openapi.json) until SIGTERM or Ctrl-C."""
     # Imported here: aiohttp is ~0.4 s of a one-off `run`'s start-up, which needs none of it.
@@ -429,6 +434,7 @@ def _listed(value: str, allowed: Sequence[str], what: str) -> list[str]:
 )
 @database_options()
 @click.option("--workers", type=int, help="Worker processes (default: CPU count).")
+@click.option("--dask-scheduler", help="Run the tasks on this Dask cluster (tcp://HOST:PORT).")
 def bench(
     sizes: str,
     shapes: str,
@@ -446,9 +452,9 @@ def bench(
     chosen = cast(list[Shape], _listed(shapes, SHAPES, "shape"))
     flags["db_schema"] = flags.get("db_schema") or "etl_bench"
     settings = build_settings(**flags)
-    results = run_bench(
-        settings, [SIZES[label] for label in labels], cache_dir, tuple(chosen), repeat, seed
-    )
+    sizes_run = [SIZES[label] for label in labels]
+    # Resolved: a cluster's workers read the datasets at the same path.
+    results = run_bench(settings, sizes_run, cache_dir.resolve(), tuple(chosen), repeat, seed)
     click.echo(table(results))
     if output is not None:
         output.write_text(markdown(results), encoding="utf-8")

@@ -24,6 +24,7 @@ from typing import Any
 import asyncpg
 
 from . import rejects
+from .cluster import ClusterError, not_ready, sized_for
 from .db.database import Connection, Pool
 from .etl import Pipeline, RunOptions, RunStats
 from .faults import describe
@@ -127,6 +128,8 @@ class Runner:
         if not self.ready:
             raise DatabaseUnavailable("the database has not answered since start-up")
         await self._repair_workers()
+        if (problem := not_ready(self.executor)) is not None:
+            raise ClusterError(problem)
         if request.idempotency_key:
             existing = await self._by_key(request)
             if existing is not None:
@@ -153,9 +156,8 @@ class Runner:
             if request.cleanup is not None:
                 request.cleanup()
             raise
-        pipeline = Pipeline(
-            self.settings, self.pool, self.executor, request.source_dir, request.options
-        )
+        settings = sized_for(self.settings, self.executor)  # a cluster's worker threads
+        pipeline = Pipeline(settings, self.pool, self.executor, request.source_dir, request.options)
         self.pipeline, self.run_id = pipeline, row["id"]
         pipeline.keep_rejects = partial(
             rejects.store, self.pool, row["id"], self.settings.rejects_keep
@@ -289,6 +291,8 @@ class RunLife:
             fault: str | None
             if isinstance(exc, BrokenProcessPool) and isinstance(workers, WorkerPool):
                 fault = await asyncio.to_thread(workers.death)
+            elif isinstance(exc, ClusterError):  # the Dask cluster: one line, no traceback
+                fault = str(exc)
             else:
                 fault = describe(exc, self.runner.settings, pipeline)
             if fault is None:  # no known operational fault: a bug, traceback and all

@@ -32,6 +32,7 @@ ENV_VARS: dict[str, str] = {
     "ETL_WEBHOOK_URL": "URL that receives a POST when a run ends",
     "ETL_WEBHOOK_SECRET": "key of the HMAC-SHA256 signature of webhook bodies",
     "ETL_WEBHOOK_ALLOW": "comma-separated hosts a run's callback_url may name",
+    "ETL_DASK_SCHEDULER": "Dask scheduler address (tcp://HOST:PORT); unset means local processes",
 }
 
 
@@ -52,6 +53,7 @@ class Settings:
     embedded_dir: Path = field(default_factory=default_embedded_dir)
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     db_schema: str | None = None
+    dask_scheduler: str | None = None
     # Tuning knobs for tests and benchmarks: None means "chosen from the input size".
     partitions: int | None = None
     chunk_bytes: int = 8 * 1024 * 1024
@@ -119,6 +121,7 @@ class Settings:
                 for host in (get("ETL_WEBHOOK_ALLOW") or "").split(",")
                 if host.strip()
             ),
+            dask_scheduler=get("ETL_DASK_SCHEDULER"),
         )
 
     def with_overrides(self, **changes: object) -> Settings:

@@ -178,12 +178,15 @@ def _broken(executor: Executor) -> bool:
 
 
 @contextlib.contextmanager
-def executor_for(settings: Settings) -> Iterator[WorkerPool]:
-    pool = WorkerPool(settings.workers)
+def executor_for(settings: Settings) -> Iterator[Executor]:
+    """The run's executor (local workers, or a Dask cluster's), shut down afterwards."""
+    from .cluster import open_executor
+
+    executor = open_executor(settings)
     try:
-        yield pool
+        yield executor
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        executor.shutdown(wait=True, cancel_futures=True)
 
 
 __all__ = ["BrokenProcessPool", "WorkerPool", "executor_for", "make_executor"]

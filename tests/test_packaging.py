@@ -113,8 +113,8 @@ def resolve_default(value: str) -> str:
 def test_compose_has_no_version_key_and_expected_services() -> None:
     data = load_compose()
     assert "version" not in data
-    assert {"db", "etl", "pgadmin"} <= set(data["services"])
-    assert "pgdata" in data["volumes"]
+    assert {"db", "etl", "pgadmin", "dask-scheduler", "dask-worker"} <= set(data["services"])
+    assert {"pgdata", "spill"} <= set(data["volumes"])
 
 
 def test_etl_environment_keys_are_known_to_the_app() -> None:
@@ -173,6 +173,42 @@ def test_pgadmin_is_only_in_tools_profile() -> None:
     services = load_compose()["services"]
     assert services["pgadmin"]["profiles"] == ["tools"]
     assert all("profiles" not in services[name] for name in ("db", "etl"))
+
+
+def command(svc: dict[str, Any]) -> list[str]:
+    cmd = svc["command"]
+    return shlex.split(cmd) if isinstance(cmd, str) else [str(part) for part in cmd]
+
+
+def test_dask_profile_runs_a_scheduler_and_two_workers_the_etl_service_can_use() -> None:
+    scheduler, worker = service("dask-scheduler"), service("dask-worker")
+    assert scheduler["profiles"] == worker["profiles"] == ["dask"]
+    assert scheduler["image"] == worker["image"] == service("etl")["image"]
+    argv = command(scheduler)
+    assert argv[:2] == ["dask", "scheduler"] and "--no-dashboard" in argv
+    port = argv[argv.index("--port") + 1]
+    worker_argv = command(worker)
+    assert worker_argv[:3] == ["dask", "worker", f"tcp://dask-scheduler:{port}"]
+    assert worker_argv[worker_argv.index("--nthreads") + 1] == "1"
+    assert worker["deploy"]["replicas"] == 2
+    assert worker["depends_on"]["dask-scheduler"]["condition"] == "service_healthy"
+    assert "socket" in healthcheck_command(scheduler)
+    assert "ETL_DASK_SCHEDULER" in ENV_VARS
+    assert environment(service("etl"))["ETL_DASK_SCHEDULER"] == "${ETL_DASK_SCHEDULER:-}"
+    usage = f"ETL_DASK_SCHEDULER=tcp://dask-scheduler:{port} docker compose --profile dask"
+    assert usage in COMPOSE_FILE.read_text(encoding="utf-8")
+
+
+def test_dask_workers_see_the_input_and_spill_directory_at_the_etl_paths() -> None:
+    etl, worker = service("etl"), service("dask-worker")
+    env = environment(etl)
+    spill = env["ETL_TMP_DIR"]
+    for mount in (f"spill:{spill}", f"./data:{env['ETL_DATA_DIR']}:ro"):
+        assert mount in etl["volumes"] and mount in worker["volumes"], mount
+    # The image creates the spill directory for its non-root user, so the named volume
+    # starts out writable by it.
+    runs = " ".join(args for kw, args in final_stage() if kw == "RUN")
+    assert f"install -d -o etl -g etl {spill}" in runs
 
 
 def test_no_password_literal_in_compose() -> None:

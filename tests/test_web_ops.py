@@ -280,11 +280,11 @@ def worker_processes(server_pid: int) -> list[psutil.Process]:
 
 
 async def serve_a_running_run(
-    settings: Settings, big_dataset: Path, log_path: Path
+    settings: Settings, big_dataset: Path, log_path: Path, **more_env: str
 ) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
     """``experiment-etl serve`` in a subprocess with a long run going; the process and run."""
     port = free_port()
-    env = server_env(settings, big_dataset, ETL_WORKERS="2")
+    env = server_env(settings, big_dataset, ETL_WORKERS="2", **more_env)
     process = start_server(port, env, log_path)
     try:
         async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as client:

@@ -32,7 +32,8 @@ class StopFile:
     path: Path
 
     def __call__(self) -> None:
-        if self.path.exists():
+        # A removed run directory stops too: a released Dask task may still be running.
+        if self.path.exists() or not self.path.parent.exists():
             raise Cancelled()
 
 

@@ -14,12 +14,12 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from ..cluster import open_executor
 from ..db import sql
 from ..db.database import open_pool
 from ..jobs import Runner
 from ..recovery import bootstrap, reap_forever
 from ..settings import Settings
-from ..workers import WorkerPool
 from . import pages
 from .auth import bearer_auth
 from .errors import problem_middleware
@@ -60,7 +60,7 @@ async def database(app: web.Application) -> AsyncIterator[None]:
 
 
 async def executor(app: web.Application) -> AsyncIterator[None]:
-    app[EXECUTOR] = await asyncio.to_thread(WorkerPool, app[SETTINGS].workers)
+    app[EXECUTOR] = await asyncio.to_thread(open_executor, app[SETTINGS], keep_trying=True)
     yield
     await asyncio.to_thread(app[EXECUTOR].shutdown, wait=True, cancel_futures=True)
 

@@ -16,6 +16,7 @@ import asyncpg
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from ..cluster import ClusterError
 from ..jobs import (
     DatabaseUnavailable,
     IdempotencyMismatch,
@@ -118,6 +119,14 @@ def from_domain(exc: Exception) -> Problem | None:
                 title="Worker processes unavailable",
                 kind="workers-unavailable",
                 headers={"Retry-After": "30"},
+            )
+        case ClusterError():
+            return Problem(
+                503,
+                str(exc),
+                title="Dask cluster unavailable",
+                kind="cluster-unavailable",
+                headers={"Retry-After": "5"},
             )
         case IdempotencyMismatch():
             return Problem(

@@ -14,6 +14,7 @@ import asyncpg
 from aiohttp import web
 
 from .. import rejects
+from ..cluster import not_ready
 from ..db import sql
 from ..runstore import ACTIVE
 from . import intake
@@ -112,7 +113,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 @routes.get("/readyz", allow_head=False)
 async def readyz(request: web.Request) -> web.Response:
-    """Ready: the database answers, the schema is in place and worker processes run."""
+    """Ready: the database answers, the schema is in place, workers (local or Dask) run."""
     try:
         async with asyncio.timeout(READY_TIMEOUT), request.app[POOL].acquire() as conn:
             ready = await conn.fetchval(sql.SCHEMA_READY)
@@ -123,9 +124,9 @@ async def readyz(request: web.Request) -> web.Response:
         ) from None
     if not ready:
         raise Problem(503, "database schema missing", headers={"Retry-After": "5"})
-    workers = request.app[EXECUTOR]
-    if not workers.healthy:
-        raise Problem(503, workers.problem or "no worker processes", headers={"Retry-After": "30"})
+    unready = not_ready(request.app[EXECUTOR])
+    if unready is not None:
+        raise Problem(503, unready, headers={"Retry-After": "5"})
     return web.json_response({"status": "ready"})
 
 

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Executor
+
 from aiohttp import web
 
 from ..db.database import Pool
 from ..jobs import Runner
 from ..settings import Settings
-from ..workers import WorkerPool
 from .metrics import Metrics
 
 SETTINGS = web.AppKey("settings", Settings)
 POOL: web.AppKey[Pool] = web.AppKey("pool")
-EXECUTOR = web.AppKey("executor", WorkerPool)
+EXECUTOR = web.AppKey("executor", Executor)  # a WorkerPool, or a Dask cluster's
 RUNNER = web.AppKey("runner", Runner)
 METRICS = web.AppKey("metrics", Metrics)
 
