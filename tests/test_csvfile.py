@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from service.pipeline.csvfile import (
     COMPOUNDS,
     USERS,
     FilePlan,
+    _scan_bytes,
     block_batch,
     iter_batches,
     plan_file,
@@ -133,3 +137,16 @@ def test_byte_ranges_cover_every_row_once_with_absolute_line_numbers(tmp_path: P
             seen += [(n, row[0]) for row, n in zip(batch.rows, batch.lines, strict=True) if row]
     assert seen == [(line, fields[0]) for line, fields in rows_of(plan)]
     assert seen[0] == (3, "1")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet='ab,"\r\n', max_size=60), st.integers(1, 9))
+def test_the_plan_finds_bare_crs_and_quotes_across_block_edges(text: str, block: int) -> None:
+    """A CR not followed by LF (also the last byte, also split from its LF by a block edge)."""
+    data = text.encode()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "x.csv"
+        path.write_bytes(data)
+        quoted, lone_cr, _ = _scan_bytes(path, 0, 1, block)
+    assert lone_cr == any(b == 13 and data[i + 1 : i + 2] != b"\n" for i, b in enumerate(data))
+    assert quoted == (b'"' in data)
