@@ -33,9 +33,11 @@ from .inputs import Inputs, materialize, plan_named
 from .pipeline.aggregate import (
     PartitionJob,
     PartitionResult,
+    SliceResult,
     aggregate_partition,
     aggregate_slice,
     check_experiment_ids,
+    fold_slice,
     merge_slices,
 )
 from .pipeline.csvfile import split_ranges
@@ -54,7 +56,8 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 PARTITION_BYTES = 2 << 20  # experiments per partition, in input bytes: ~30 MB per worker
-RANGE_BYTES = 16 << 20  # bytes of a file per scan task
+RANGE_BYTES = 16 << 20  # bytes of a file per scan task, at most
+PLAN_BLOCK = 1 << 20  # the plan notes a possible cut point per block
 MIN_SLICE_BYTES = 1 << 20  # a partition is split into slices only past twice the average
 
 
@@ -201,7 +204,9 @@ class Pipeline:
         limits = ArchiveLimits(None, self.settings.zip_max_ratio)
         inputs = await materialize(self.source, workdir, opts.encoding, opts.delimiter, limits)
         self.inputs = inputs
-        plan = await asyncio.to_thread(plan_named, inputs, self.settings.chunk_bytes)
+        # Cut points every MiB at most, so that ranges can be small on small inputs.
+        plan_block = min(self.settings.chunk_bytes, PLAN_BLOCK)
+        plan = await asyncio.to_thread(plan_named, inputs, plan_block)
         self.phases["inputs"] = round(time.perf_counter() - mark, 3)
         self.errors = ErrorLog(opts.errors_kept, plan.order)
         self.progress.bytes_total = plan.total_bytes
@@ -239,7 +244,9 @@ class Pipeline:
             ("experiments", plan.experiments, scan_experiments),
             ("users", plan.users, scan_users),
         ):
-            for index, part in enumerate(split_ranges(file_plan, RANGE_BYTES)):
+            # Four ranges per worker at least, so that no worker waits long at the end.
+            target = min(RANGE_BYTES, max(1, file_plan.size // (4 * self.settings.workers)))
+            for index, part in enumerate(split_ranges(file_plan, target)):
                 prefix = f"{kind}{index:04d}"
                 call = self._call(
                     Guarded(scan),
@@ -332,8 +339,17 @@ class Pipeline:
             if len(slices) == 1:
                 return await self._call(aggregate_partition, job)
             parts = [dataclasses.replace(job, experiments=s) for s in slices]
-            states = await _gather(*(self._call(aggregate_slice, part) for part in parts))
-            return await self._call(merge_slices, job, states)
+            merged = SliceResult(log=job.error_log())
+            calls = [asyncio.ensure_future(self._call(aggregate_slice, part)) for part in parts]
+            try:
+                for finished in asyncio.as_completed(calls):
+                    fold_slice(merged, await finished)  # one merged state, however many slices
+            except BaseException:
+                for call in calls:
+                    call.cancel()
+                await asyncio.gather(*calls, return_exceptions=True)
+                raise
+            return await self._call(merge_slices, job, [merged])
 
         # Results are loaded as they come, not in partition order: waiting for the
         # oldest task while a newer one had finished left a worker without work.

@@ -259,24 +259,40 @@ def aggregate_slice(job: PartitionJob) -> SliceResult:
     return result
 
 
+def fold_slice(into: SliceResult, part: SliceResult) -> SliceResult:
+    """``into`` with ``part``'s state added (``part`` stays as it came).
+
+    Slices are folded one by one as they finish, so a split partition never holds
+    more than one merged state and the slice being added.
+    """
+    into.log.extend(part.log.errors, part.log.total)
+    into.rejected += part.rejected
+    into.experiments += part.experiments
+    state = into.state
+    for key, (n, parts, tally) in part.state.items():
+        mine = state.get(key)
+        if mine is None:
+            state[key] = (n, list(parts), dict(tally))
+            continue
+        total_n, all_parts, all_tally = mine
+        for compound, count in tally.items():
+            all_tally[compound] = all_tally.get(compound, 0) + count
+        joined = all_parts + parts
+        state[key] = (total_n + n, exact_parts(joined) if len(joined) > 16 else joined, all_tally)
+    return into
+
+
 def merge_slices(job: PartitionJob, slices: Sequence[SliceResult]) -> PartitionResult:
     """The result rows of a split partition from its slices' partial states."""
     result = PartitionResult(log=job.error_log())
     names = _users(job, result)
-    merged: dict[str, tuple[int, list[float], dict[str, int]]] = {}
+    merged = SliceResult(log=job.error_log())
     for part in slices:
-        result.log.extend(part.log.errors, part.log.total)
-        result.rejected += part.rejected
-        for key, (n, parts, tally) in part.state.items():
-            if key not in merged:  # copied: the slices' own states stay as they came
-                merged[key] = (n, list(parts), dict(tally))
-                continue
-            total_n, all_parts, all_tally = merged[key]
-            for compound, count in tally.items():
-                all_tally[compound] = all_tally.get(compound, 0) + count
-            merged[key] = (total_n + n, all_parts + parts, all_tally)
-    keys = sorted(merged)
-    states = list(map(merged.__getitem__, keys))
+        fold_slice(merged, part)
+    result.log.extend(merged.log.errors, merged.log.total)
+    result.rejected = merged.rejected
+    keys = sorted(merged.state)
+    states = list(map(merged.state.__getitem__, keys))
     result.rows = _rows(
         names,
         list(map(int, keys)),
