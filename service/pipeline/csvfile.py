@@ -220,10 +220,21 @@ def _decode(data: bytes, name: str, first_line: int) -> str:
 
 
 def raw_blocks(
-    path: Path, name: str, start: int, end: int, block: int, first_line: int = 1
+    path: Path,
+    name: str,
+    start: int,
+    end: int,
+    block: int,
+    first_line: int = 1,
+    lf_only: bool = False,
 ) -> Iterator[tuple[bytes, int]]:
-    """Yield (bytes cut at a line end, number of its first line), undecoded."""
+    """Yield (bytes cut at a line end, number of its first line), undecoded.
+
+    ``lf_only``: the plan found no bare CR, so LFs alone count the lines (one C pass
+    instead of three over CRLF text).
+    """
     line_no = first_line
+    count = _lf_count if lf_only else line_count
     with path.open("rb") as f:
         f.seek(start)
         pos = start
@@ -246,7 +257,11 @@ def raw_blocks(
             else:
                 carry = b""
             yield data, line_no
-            line_no += line_count(data)
+            line_no += count(data)
+
+
+def _lf_count(data: bytes) -> int:
+    return data.count(b"\n") + (not data.endswith(b"\n"))
 
 
 def line_count(data: bytes) -> int:

@@ -90,7 +90,7 @@ def _raw_or_batches(
         return
     size = min(block, fastpath.BLOCK) if fast else block
     for data, line_no in raw_blocks(
-        plan.path, plan.name, part.start, part.end, size, part.first_line
+        plan.path, plan.name, part.start, part.end, size, part.first_line, lf_only=True
     ):
         yield (data, line_no) if fast else block_batch(plan, data, line_no)
 
