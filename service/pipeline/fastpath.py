@@ -16,8 +16,7 @@ from .fields import compound_lists_valid, ids_column, ids_valid, run_times_valid
 
 BLOCK = 1 << 20  # bytes per block: a block's split fields cost ~20x its size in memory
 ORDER = ("experiment_id", "user_id", "experiment_compound_ids", "experiment_run_time")
-NUMERIC = b"0123456789;."
-ROW_SHAPE = b",,,\n"  # what a row leaves once its digits, dots and semicolons are gone
+NUMERIC = b"0123456789;."  # what a row leaves without these: its separators and line end
 
 Columns = tuple[list[bytes], list[bytes], list[bytes], list[bytes]]
 
@@ -33,20 +32,26 @@ def eligible(plan: FilePlan) -> bool:
 
 def experiment_block(data: bytes) -> Columns | None:
     """(experiment ids, user ids, compound lists, run times) as canonical ASCII tokens,
-    one per line of the block, when every line is a valid row; else None."""
-    if b"\r" in data:
-        data = data.replace(b"\r\n", b"\n")
-    if b"\t" in data or b" " in data:
-        data = data.replace(b",\t", b",")
-        if b"\t" in data or b" " in data:
-            return None
+    one per line of the block, when every line is a valid row; else None.
+
+    The block's separator (``,\t`` or ``,``) and line end (CRLF or LF) are read off its
+    first line; every row must show exactly that shape once digits, dots and semicolons
+    are gone. Then one replace and one split give the fields. A tab that does not follow
+    its comma would cost the row a field, so a full count of fields proves none is.
+    """
+    end = data.find(b"\n")
+    first = data if end < 0 else data[: end + 1]
+    eol = b"\r\n" if first.endswith(b"\r\n") else b"\n"
+    sep = b",\t" if b",\t" in first else b","
     if not data.endswith(b"\n"):
-        data += b"\n"
+        data += eol
     rows = data.count(b"\n")
-    if data.translate(None, NUMERIC) != ROW_SHAPE * rows:
+    if data.translate(None, NUMERIC) != (sep * 3 + eol) * rows:
         return None  # another character, a blank line or a wrong number of fields
-    flat = data.replace(b"\n", b",").split(b",")
+    flat = data.replace(eol, sep).split(sep)
     flat.pop()
+    if len(flat) != 4 * rows:
+        return None  # a tab or CR that is not part of a separator or line end
     eids, uids, comps, times = flat[0::4], flat[1::4], flat[2::4], flat[3::4]
     if not (
         ids_valid(eids)
