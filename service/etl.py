@@ -334,27 +334,41 @@ class Pipeline:
         done = Aggregated()
         loading = True  # an error in abort mode fails the run: then only check
 
+        window = max(2, self.settings.workers + 1)  # tasks in flight: every worker busy
+
         async def partition(job: PartitionJob) -> PartitionResult:
             slices = _slices(job.experiments, slice_bytes)
             if len(slices) == 1:
                 return await self._call(aggregate_partition, job)
-            parts = [dataclasses.replace(job, experiments=s) for s in slices]
             merged = SliceResult(log=job.error_log())
-            calls = [asyncio.ensure_future(self._call(aggregate_slice, part)) for part in parts]
+            parts = (dataclasses.replace(job, experiments=s) for s in slices)
+            # A few slices at a time, each folded as it finishes: one merged state, and no
+            # pile of finished states, however many slices.
+            running = {
+                asyncio.ensure_future(self._call(aggregate_slice, p))
+                for p in itertools.islice(parts, window)
+            }
             try:
-                for finished in asyncio.as_completed(calls):
-                    fold_slice(merged, await finished)  # one merged state, however many slices
+                while running:
+                    finished, running = await asyncio.wait(
+                        running, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    for task in finished:
+                        fold_slice(merged, task.result())
+                    more = itertools.islice(parts, len(finished))
+                    running.update(
+                        asyncio.ensure_future(self._call(aggregate_slice, p)) for p in more
+                    )
             except BaseException:
-                for call in calls:
-                    call.cancel()
-                await asyncio.gather(*calls, return_exceptions=True)
+                for task in running:
+                    task.cancel()
+                await asyncio.gather(*running, return_exceptions=True)
                 raise
             return await self._call(merge_slices, job, [merged])
 
         # Results are loaded as they come, not in partition order: waiting for the
         # oldest task while a newer one had finished left a worker without work.
         pending = map(partition, jobs)  # a job's extents are made as it starts
-        window = max(2, self.settings.workers + 1)
         running = {asyncio.ensure_future(c) for c in itertools.islice(pending, window)}
         try:
             while running:
