@@ -52,17 +52,23 @@ def experiment_block(data: bytes) -> Columns | None:
     flat.pop()
     if len(flat) != 4 * rows:
         return None  # a tab or CR that is not part of a separator or line end
-    eids, uids, comps, times = flat[0::4], flat[1::4], flat[2::4], flat[3::4]
-    if not (
+    columns = flat[0::4], flat[1::4], flat[2::4], flat[3::4]
+    if not _valid(columns):
+        return None
+    if len(data) > FIELD_LIMIT and max(map(len, columns[2])) > FIELD_LIMIT:
+        return None  # over the csv module's field limit: let the general reader say so
+    return columns
+
+
+def _valid(columns: Columns) -> bool:
+    """Every id canonical, every run time a plain decimal, every compound list well formed."""
+    eids, uids, comps, times = columns
+    return (
         ids_valid(eids)
         and ids_valid(uids)
         and run_times_valid(times)
         and compound_lists_valid(comps)
-    ):
-        return None
-    if len(data) > FIELD_LIMIT and max(map(len, comps)) > FIELD_LIMIT:
-        return None  # over the csv module's field limit: let the general reader say so
-    return eids, uids, comps, times
+    )
 
 
 def experiment_rows(batch: Batch, plan: FilePlan) -> Columns | None:
@@ -78,15 +84,8 @@ def experiment_rows(batch: Batch, plan: FilePlan) -> Columns | None:
         if len(tokens) != len(batch.rows):
             return None  # not ASCII, or a line end inside a field
         picked.append(tokens)
-    eids, uids, comps, times = picked
-    if not (
-        ids_valid(eids)
-        and ids_valid(uids)
-        and run_times_valid(times)
-        and compound_lists_valid(comps)
-    ):
-        return None
-    return eids, uids, comps, times
+    columns = picked[0], picked[1], picked[2], picked[3]
+    return columns if _valid(columns) else None
 
 
 def user_rows(batch: Batch, plan: FilePlan) -> tuple[list[int], list[str]] | None:
