@@ -84,8 +84,8 @@ def experiment_rows(batch: Batch, plan: FilePlan) -> Columns | None:
         if len(tokens) != len(batch.rows):
             return None  # not ASCII, or a line end inside a field
         picked.append(tokens)
-    columns = picked[0], picked[1], picked[2], picked[3]
-    return columns if _valid(columns) else None
+    found: Columns = (picked[0], picked[1], picked[2], picked[3])
+    return found if _valid(found) else None
 
 
 def user_rows(batch: Batch, plan: FilePlan) -> tuple[list[int], list[str]] | None:
