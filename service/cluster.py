@@ -232,8 +232,14 @@ class DaskExecutor(Executor):
                 value = done.result()
             except BaseException as exc:
                 error = exc
-                if done.cancelled():
-                    problem = self.problem or "the Dask scheduler cancelled it"
+                if done.cancelled() or _lost_connection(exc):
+                    # The client cancels its futures when it loses the scheduler; a result
+                    # being gathered at that moment fails with a closed stream instead.
+                    problem = self._lost() or (
+                        f"lost the Dask scheduler at {self.address}"
+                        if _lost_connection(exc)
+                        else self.problem or "the Dask scheduler cancelled it"
+                    )
                     error = ClusterError(f"the Dask cluster dropped a task: {problem}")
                 with contextlib.suppress(InvalidStateError):
                     outer.set_exception(error)
@@ -269,6 +275,14 @@ class DaskExecutor(Executor):
             with contextlib.suppress(Exception):
                 self._client.close()
         self._client = None
+
+
+def _lost_connection(exc: BaseException) -> bool:
+    """A comm failure between client and cluster (``distributed.comm.CommClosedError`` is
+    an OSError), not a task's own error."""
+    return type(exc).__name__ == "CommClosedError" or (
+        isinstance(exc, OSError) and "Stream is closed" in str(exc)
+    )
 
 
 def _connect(address: str) -> Any:

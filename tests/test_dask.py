@@ -369,3 +369,13 @@ async def test_losing_the_scheduler_mid_run_fails_the_run_saying_so(
         f"the Dask cluster dropped a task: lost the Dask scheduler at {lost.address}"
     ), run["message"]
     assert list(settings.tmp_dir.iterdir()) == []
+
+
+def test_a_closed_stream_to_the_cluster_reads_as_a_lost_cluster_not_a_task_error() -> None:
+    """When the scheduler dies, a result being gathered fails with CommClosedError rather
+    than a cancellation; both fail the run as the cluster's fault, in one line."""
+    from distributed.comm import CommClosedError
+
+    assert cluster_module._lost_connection(CommClosedError("in <TCP (closed)>: Stream is closed"))
+    assert not cluster_module._lost_connection(ValueError("a task's own error"))
+    assert not cluster_module._lost_connection(FileNotFoundError("spill file"))
