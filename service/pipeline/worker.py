@@ -1,1 +1,1 @@
-"""The main module of spawned worker processes: deliberately empty (see ``etl.make_executor``)."""
+"""The main module of spawned worker processes: deliberately empty (see ``workers.make_executor``)."""
