@@ -203,12 +203,8 @@ class _Groups:
 
     def run_times(self) -> Iterator[Iterable[float]]:
         """Each user's run times, as floats."""
-        floats = _floats(self.times)
+        floats = list(map(float, self.times))
         return map(floats.__getitem__, self.spans)
-
-
-def _floats(texts: list[str]) -> list[float]:
-    return list(map(float, texts))
 
 
 def _users(job: PartitionJob, checked: Checked | None) -> dict[int, str]:
