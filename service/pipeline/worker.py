@@ -1,1 +1,5 @@
-"""The main module of spawned worker processes: deliberately empty (see ``workers.make_executor``)."""
+"""The main module of spawned worker processes: deliberately empty.
+
+See ``workers.make_executor``: while workers spawn, the parent names this module as its
+main, so that they do not import the CLI.
+"""
