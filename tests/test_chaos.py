@@ -236,6 +236,16 @@ async def soak_runs(soak: Soak, runs: int, seed: int) -> None:
                 await asyncio.sleep(0.1)
             else:
                 soak.violations.append(f"not ready after run {run['id']} ({fault})")
+            # The row is final inside the swap; the server then drops the replaced tables,
+            # removes the run's scratch directory and reads the row once more. Leftovers
+            # are judged once it has finished with the run (bounded: 10 s).
+            for _ in range(100):
+                async with client.get("/metrics") as response:
+                    if "etl_run_in_progress 0.0" in await response.text():
+                        break
+                await asyncio.sleep(0.1)
+            else:
+                soak.violations.append(f"run {run['id']} ({fault}) still in progress after 10 s")
         leftovers = [p.name for p in soak.settings.tmp_dir.iterdir()]
         if leftovers:
             soak.violations.append(f"run {run['id']} ({fault}) left {leftovers}")
