@@ -134,7 +134,6 @@ def scan_users(
     """Check a range of users.csv; spill (user_id, name, line) by user partition."""
     log = ErrorLog(keep)
     result = ScanResult()
-    col_id, col_name = plan.columns["user_id"], plan.columns["name"]
     with ColumnSpill(spill_dir, prefix, partitions) as spill:
         for item in _raw_or_batches(plan, part, block, fast=True):
             if stop is not None:
@@ -152,26 +151,35 @@ def scan_users(
                     lines = batch.lines
                 else:
                     lines = range(line_no, line_no + len(taken[0]))
-            if taken is not None:
+            if taken is None:
+                uids, names, lines = _users_slowly(plan, batch, log)
+            else:
                 uids, names = taken
-                spill.write(partitions_of(canonical_keys(uids), partitions), uids, names, lines)
-                result.rows += len(uids)
-                continue
-            rows, where = _stripped(batch, plan.width, plan.name, log)
-            uids, names, kept = [], [], []
-            for row, line in zip(rows, where, strict=True):
-                try:
-                    uids.append(parse_id(row[col_id]))
-                except FieldError as exc:
-                    log.add(field_error(plan, line, "user_id", exc))
-                    continue
-                names.append(row[col_name])
-                kept.append(line)
-            spill.write(partitions_of(canonical_keys(uids), partitions), uids, names, kept)
+            spill.write(partitions_of(canonical_keys(uids), partitions), uids, names, lines)
             result.rows += len(uids)
     result.errors, result.error_total = log.errors, log.total
     result.spills = {"users": spill.index}
     return result
+
+
+def _users_slowly(
+    plan: FilePlan, batch: Batch, log: ErrorLog
+) -> tuple[list[int], list[str], list[int]]:
+    """The rows of a batch one by one: user ids, names, lines; bad rows go to ``log``."""
+    col_id, col_name = plan.columns["user_id"], plan.columns["name"]
+    uids: list[int] = []
+    names: list[str] = []
+    kept: list[int] = []
+    rows, lines = _stripped(batch, plan.width, plan.name, log)
+    for row, line in zip(rows, lines, strict=True):
+        try:
+            uids.append(parse_id(row[col_id]))
+        except FieldError as exc:
+            log.add(field_error(plan, line, "user_id", exc))
+            continue
+        names.append(row[col_name])
+        kept.append(line)
+    return uids, names, kept
 
 
 def scan_experiments(
