@@ -49,6 +49,7 @@ from .pipeline.spill import Extent, SpillIndex
 from .pipeline.tasks import Guarded, StopFile, compounds_task, run_task
 from .scratch import ScratchDir
 from .settings import Settings
+from .workers import result_of
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +180,7 @@ class Pipeline:
         future = self.executor.submit(partial(run_task, partial(fn, *args, **kwargs), self._stop))
         self._in_flight.add(future)
         future.add_done_callback(self._in_flight.discard)
-        return await asyncio.wrap_future(future)
+        return await result_of(self.executor, future)
 
     async def run(self, finalize: Finalize) -> RunStats:
         started = time.perf_counter()

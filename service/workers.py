@@ -10,6 +10,7 @@ for the next one. While no working set could be started, ``healthy`` is False an
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import importlib.util
@@ -126,8 +127,13 @@ class WorkerPool(Executor):
         return self.problem is None
 
     @property
+    def broken(self) -> bool:
+        """A worker died: the executor is failing every task it holds."""
+        return self._executor is not None and _broken(self._executor)
+
+    @property
     def needs_repair(self) -> bool:
-        return self._executor is None or self.problem is not None or _broken(self._executor)
+        return self._executor is None or self.problem is not None or self.broken
 
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
         executor = self._executor
@@ -154,6 +160,7 @@ class WorkerPool(Executor):
             self._executor = None
             if old is not None:
                 old.shutdown(wait=True, cancel_futures=True)
+            _end(self._processes)
             try:
                 self._executor = self.factory(self.workers)
             except Exception as exc:  # e.g. no memory or process slots for new workers
@@ -177,6 +184,34 @@ def _broken(executor: Executor) -> bool:
     return bool(getattr(executor, "_broken", False))
 
 
+def _end(processes: list[BaseProcess]) -> None:
+    """Stop the workers a broken executor left running. It stops them itself, unless
+    its manager thread died first (see :func:`result_of`)."""
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+            process.join(2)
+        if process.is_alive():
+            process.kill()
+            process.join()
+
+
+async def result_of(executor: Executor, future: Future[T]) -> T:
+    """A submitted task's result; cancelling the caller cancels the task, unless a worker
+    has died. A broken ``ProcessPoolExecutor`` fails its pending tasks one by one, and in
+    Python 3.11 a task cancelled meanwhile kills its manager thread (``InvalidStateError``
+    in ``terminate_broken``): a traceback, and the surviving workers never stopped."""
+    waited = asyncio.wrap_future(future)
+    try:
+        return await asyncio.shield(waited)
+    except asyncio.CancelledError:
+        if not (executor.broken if isinstance(executor, WorkerPool) else _broken(executor)):
+            future.cancel()
+        # Its outcome, whatever it is, is no longer wanted (and never logged as unseen).
+        waited.add_done_callback(lambda f: f.cancelled() or f.exception())
+        raise
+
+
 @contextlib.contextmanager
 def executor_for(settings: Settings) -> Iterator[Executor]:
     """The run's executor (local workers, or a Dask cluster's), shut down afterwards."""
@@ -189,4 +224,4 @@ def executor_for(settings: Settings) -> Iterator[Executor]:
         executor.shutdown(wait=True, cancel_futures=True)
 
 
-__all__ = ["BrokenProcessPool", "WorkerPool", "executor_for", "make_executor"]
+__all__ = ["BrokenProcessPool", "WorkerPool", "executor_for", "make_executor", "result_of"]
