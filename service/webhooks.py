@@ -18,15 +18,17 @@ import hmac
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import asyncpg
 from yarl import URL
 
 from .db import sql
 from .db.database import Pool
 from .settings import Settings
+
+if TYPE_CHECKING:  # imported when a webhook is sent: `run` alone does not load aiohttp
+    import aiohttp
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +137,8 @@ class Webhooks:
         status: dict[str, Any],
         statuses: list[dict[str, Any]],
     ) -> None:
+        import aiohttp
+
         s = self.settings
         headers = {"Content-Type": "application/json", "X-ETL-Event": EVENT}
         if s.webhook_secret:
@@ -177,6 +181,8 @@ class Webhooks:
         )
 
     def session(self) -> aiohttp.ClientSession:
+        import aiohttp
+
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession()
         return self._session

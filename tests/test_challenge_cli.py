@@ -214,3 +214,31 @@ async def test_entrypoint_without_arguments_serves_until_sigterm(
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+async def test_a_run_from_the_command_line_does_not_load_the_web_stack(
+    settings: Settings, sample_dir: Path
+) -> None:
+    """``run`` pays for what it uses: aiohttp (~0.1 s to import) is for ``serve`` and for
+    sending webhooks, and none is configured here."""
+    script = (
+        "import sys\n"
+        "from service.cli import main\n"
+        f"main(['run', *{challenge_args(settings.database_url or '', sample_dir)!r}],"
+        " standalone_mode=False)\n"
+        "print('web stack:', sorted(m for m in sys.modules if m.split('.')[0] == 'aiohttp'))\n"
+    )
+    env = {**os.environ, "ETL_DB_SCHEMA": settings.db_schema or "", "ETL_WORKERS": "1"}
+    env.pop("ETL_WEBHOOK_URL", None)
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "users 10, experiments 11, compounds 3" in done.stdout
+    assert done.stdout.splitlines()[-1] == "web stack: []"
