@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 from badinput import connect, run_rows
 from click.testing import CliRunner
-from test_web_support import ROOT, free_port, start_process, until_healthy
+from test_web_support import ROOT, free_port, run_script, start_process, until_healthy
 
 from service.cli import main, run
 from service.entrypoint import command_line
@@ -230,15 +230,7 @@ async def test_a_run_from_the_command_line_does_not_load_the_web_stack(
     )
     env = {**os.environ, "ETL_DB_SCHEMA": settings.db_schema or "", "ETL_WORKERS": "1"}
     env.pop("ETL_WEBHOOK_URL", None)
-    done = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-c", script],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-    )
+    done = await run_script(script, env)
     assert done.returncode == 0, done.stderr
     assert "users 10, experiments 11, compounds 3" in done.stdout
     assert done.stdout.splitlines()[-1] == "web stack: []"

@@ -32,7 +32,7 @@ from test_web_api import (
     test_run_is_accepted_polled_to_success_and_features_served as run_polled_and_served,
 )
 from test_web_ops import free_port, serve_a_running_run
-from test_web_support import Serve, problem
+from test_web_support import Serve, problem, run_script
 
 from service import cluster as cluster_module
 from service import etl
@@ -231,14 +231,8 @@ async def test_without_a_scheduler_distributed_is_never_imported(settings: Setti
         "print(run['status'], sorted(m for m in sys.modules if m.split('.')[0] in "
         "('distributed', 'dask')))\n"
     )
-    done = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-c", script],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={k: v for k, v in os.environ.items() if k != "ETL_DASK_SCHEDULER"},
+    done = await run_script(
+        script, {k: v for k, v in os.environ.items() if k != "ETL_DASK_SCHEDULER"}
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["succeeded", "[]"]

@@ -173,6 +173,19 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+async def run_script(script: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``python -c SCRIPT`` from the repository root, in a thread; its output captured."""
+    return await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+
+
 def start_process(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
     """``python -m ARGS`` from the repository root, its output in ``log_path``."""
     with log_path.open("wb") as log:
