@@ -271,3 +271,71 @@ def test_user_block_takes_rows_in_the_usual_spellings(
     taken = user_block(block_lines(block, users_plan.name, FIRST_LINE), users_plan)
     assert taken is not None
     assert len(taken[0]) == block.count(b"\n")
+
+
+@st.composite
+def quoted_users(draw: st.DrawFn) -> str:
+    """users.csv text with quoted names, as exports write them; in half the files, also
+    the ways quotes go wrong: a doubled quote, a line end inside quotes, a quote in an
+    unquoted field, an unterminated one, a bad id, a field short, a blank line."""
+    good = [
+        '"Smith, Alice"',
+        '"Kim, Dan"',
+        "Plain Name",
+        '""',
+        '"O\'Brien, Pat"',
+        ' \t"Lee, Ann"',
+        '"Kim" x',
+        '"a,b,c"',
+    ]
+    bad = ['"Bob ""The Builder"""', '"two\nlines"', "5'10\" tall", '"unterminated']
+    wrong = draw(st.booleans())
+    names = st.sampled_from(good + bad if wrong else good)
+    ids = st.sampled_from(["7", "42", "007", '"9"', "9223372036854775807", *(["x"] * wrong)])
+    lines = []
+    for _ in range(draw(st.integers(1, 8))):
+        sep = draw(st.sampled_from([",\t", ","]))
+        fields = [draw(ids), draw(names), "a@x.org", "2023-01-01"]
+        if wrong and draw(st.integers(0, 9)) == 0:
+            fields.pop()
+        lines.append(sep.join(fields))
+        if wrong and draw(st.integers(0, 9)) == 0:
+            lines.append("")
+    end = draw(st.sampled_from(["\n", "\r\n"]))
+    return end.join(lines) + draw(st.sampled_from(["", end]))
+
+
+def spilled(result: scan.ScanResult) -> list[tuple[list[object], ...]]:
+    from service.pipeline.spill import read_columns
+
+    index = result.spills["users"]
+    extents = [e for p in range(index.partitions) if (e := index.extent(p)) is not None]
+    return list(read_columns(extents))
+
+
+@settings(max_examples=300, deadline=None)
+@given(quoted_users())
+@example('1,\t"Smith, Alice",\ta@x.org,\t2023-01-01\r\n2,\t"Kim, Dan",\tb@x.org,\t2023-01-02')
+def test_quoted_users_fast_path_spills_what_the_reader_reads(
+    tmp_path_factory: pytest.TempPathFactory, text: str
+) -> None:
+    """A quoted users.csv by fast-path blocks (``quoted_users``) or not at all: when it
+    answers, it spilled exactly the ids, names and lines the reader spills."""
+    directory = tmp_path_factory.mktemp("quoted")
+    path = directory / "users.csv"
+    path.write_text("user_id,\tname,\temail,\tsignup_date\n" + text, encoding="utf-8")
+    plan = plan_file(path, USERS)
+    if not plan.quoted or plan.lone_cr:
+        return
+    fast = scan.quoted_users(plan, directory, "fast", 3, None)
+    whole = scan.ByteRange(plan.data_offset, plan.size, plan.header_line + 1)
+    try:
+        slow = scan.users_by_reader(plan, whole, directory, "slow", 3)
+    except FileError:  # the reader refuses the file (an unterminated quote, say)
+        assert fast is None
+        return
+    if fast is None:
+        return
+    assert slow.error_total == 0, slow.errors
+    assert fast.rows == slow.rows
+    assert spilled(fast) == spilled(slow)

@@ -272,6 +272,14 @@ def line_count(data: bytes) -> int:
     return ends + (not data.endswith((b"\n", b"\r")))
 
 
+def block_text(data: bytes, name: str, line_no: int) -> str:
+    """A block decoded, line ends unified and ended, no line over the limit (unsplit)."""
+    text = _block_text(data, name, line_no)
+    if _may_hold_long_line(text):
+        _check_lengths(_split_lines(text), name, line_no)
+    return text if text.endswith("\n") else text + "\n"
+
+
 def block_lines(data: bytes, name: str, line_no: int) -> list[str]:
     """A block's lines: decoded, line ends unified, no line over the limit."""
     lines = _split_lines(_block_text(data, name, line_no))
@@ -565,7 +573,7 @@ def _parse_unit(unit: str) -> _Parsed:
     head, used, doubtful = unit, len(unit), 0
     if '"' in unit:
         parts = unit.split('"')
-        fixed, misplaced = _fix_opening_quotes(parts)
+        fixed, misplaced = fix_opening_quotes(parts)
         # With an odd number of quotes the last one opens a field that goes on past the end.
         last = len(parts) - 2 if misplaced is None else misplaced
         if misplaced is not None or len(parts) % 2 == 0:
@@ -600,7 +608,7 @@ def _row_end(parts: list[str], last: int) -> tuple[int, int]:
     return 0, 0
 
 
-def _fix_opening_quotes(parts: list[str]) -> tuple[list[str], int | None]:
+def fix_opening_quotes(parts: list[str]) -> tuple[list[str], int | None]:
     """``parts`` (the text split at quotes, at least one) with the blanks before each
     opening quote removed, as ``_LenientQuotes`` does, and the index of the part before
     the first quote that cannot be placed (the fix holds only for the parts before it).

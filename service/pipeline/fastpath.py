@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from itertools import repeat
 
-from .csvfile import FIELD_LIMIT, Batch, FilePlan
+from .csvfile import FIELD_LIMIT, Batch, FilePlan, fix_opening_quotes
 from .fields import compound_lists_valid, ids_column, ids_valid, run_times_valid
 
 BLOCK = 1 << 20  # bytes per block: a block's split fields cost ~20x its size in memory
@@ -120,3 +120,36 @@ def user_block(lines: list[str], plan: FilePlan) -> tuple[list[int], list[str]] 
     if ids is None:
         return None
     return ids, list(map(str.strip, flat[plan.columns["name"] :: width]))
+
+
+def quoted_user_block(text: str, plan: FilePlan) -> tuple[list[int], list[str]] | None:
+    """``user_block`` for a block's text (each line ended by a newline) with quoted
+    fields, such as ``1,<TAB>"Smith, Alice",...``, from a row start. When every quote
+    opens or closes a field where the reader places it and no quoted field holds a line
+    end or a doubled quote, the commas inside quotes are set aside, the quotes dropped,
+    and the plain block's one split gives the fields.
+
+    Else None: the reader then reads the rows (and says what is wrong with them).
+    """
+    parts = text.split('"')
+    if len(parts) % 2 == 0:
+        return None  # a quoted field goes on past the block
+    if len(parts) == 1:
+        lines = text.split("\n")
+        lines.pop()
+        return user_block(lines, plan)
+    fixed, misplaced = fix_opening_quotes(parts)
+    quoted = fixed[1::2]
+    if misplaced is not None or "" in fixed[2:-1:2] or "\n" in "".join(quoted):
+        return None  # a quote in an unquoted field, a doubled quote, a line end inside
+    # Commas inside quotes set aside as NUL (the decoder refuses it in the data), all
+    # quoted fields at once: a quote is the one character none of them holds now.
+    fixed[1::2] = '"'.join(quoted).replace(",", "\x00").split('"')
+    plain = "".join(fixed).split("\n")
+    plain.pop()
+    taken = user_block(plain, plan)
+    if taken is None:
+        return None
+    ids, names = taken
+    joined = "\n".join(names)
+    return ids, joined.replace("\x00", ",").split("\n") if "\x00" in joined else names

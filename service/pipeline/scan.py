@@ -26,11 +26,12 @@ from .csvfile import (
     FilePlan,
     block_batch,
     block_lines,
+    block_text,
     count_fields_error,
     iter_batches,
     raw_blocks,
 )
-from .errors import MAX_REPORTED_ERRORS, ErrorLog, RowError
+from .errors import MAX_REPORTED_ERRORS, ErrorLog, FileError, RowError
 from .fields import FieldError, parse_compound_list, parse_id, parse_run_time
 from .spill import ColumnSpill, LineSpill, SpillIndex, canonical_keys, partitions_of
 
@@ -134,6 +135,24 @@ def scan_users(
     keep: int = MAX_REPORTED_ERRORS,
 ) -> ScanResult:
     """Check a range of users.csv; spill (user_id, name, line) by user partition."""
+    if plan.quoted and not plan.lone_cr:
+        fast = quoted_users(plan, spill_dir, prefix, partitions, stop)
+        if fast is not None:
+            return fast
+    return users_by_reader(plan, part, spill_dir, prefix, partitions, block, stop, keep)
+
+
+def users_by_reader(
+    plan: FilePlan,
+    part: ByteRange,
+    spill_dir: Path,
+    prefix: str,
+    partitions: int,
+    block: int = 8 << 20,
+    stop: Stop | None = None,
+    keep: int = MAX_REPORTED_ERRORS,
+) -> ScanResult:
+    """``scan_users`` by the readers: raw blocks where they are plain, parsed rows else."""
     log = ErrorLog(keep)
     result = ScanResult()
     with ColumnSpill(spill_dir, prefix, partitions) as spill:
@@ -160,6 +179,45 @@ def scan_users(
             spill.write(partitions_of(canonical_keys(uids), partitions), uids, names, lines)
             result.rows += len(uids)
     result.errors, result.error_total = log.errors, log.total
+    result.spills = {"users": spill.index}
+    return result
+
+
+def quoted_users(
+    plan: FilePlan, spill_dir: Path, prefix: str, partitions: int, stop: Stop | None
+) -> ScanResult | None:
+    """A users.csv with quotes, by fast-path blocks where they all take it, else None.
+
+    Such a file is one task (a quoted field could hold a line end, so it is not split).
+    Blocks cut at line ends are read in order; while each one's quotes are all placed
+    and none holds a line end, the next block starts at a row start too. The first
+    block the fast path refuses (or that cannot be decoded) ends this try: the reader
+    then reads the whole file again, as it would have, and says what is wrong.
+    """
+    result = ScanResult()
+    blocks = raw_blocks(
+        plan.path,
+        plan.name,
+        plan.data_offset,
+        plan.size,
+        fastpath.BLOCK,
+        plan.header_line + 1,
+        lf_only=True,
+    )
+    with ColumnSpill(spill_dir, prefix, partitions) as spill:
+        try:
+            for data, line_no in blocks:
+                if stop is not None:
+                    stop()
+                taken = fastpath.quoted_user_block(block_text(data, plan.name, line_no), plan)
+                if taken is None:
+                    return None
+                uids, names = taken
+                where = range(line_no, line_no + len(uids))
+                spill.write(partitions_of(canonical_keys(uids), partitions), uids, names, where)
+                result.rows += len(uids)
+        except FileError:
+            return None  # undecodable or a line over the limit: the reader's to report
     result.spills = {"users": spill.index}
     return result
 
