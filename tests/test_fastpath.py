@@ -330,7 +330,7 @@ def test_quoted_users_fast_path_spills_what_the_reader_reads(
     fast = scan.quoted_users(plan, directory, "fast", 3, None)
     whole = scan.ByteRange(plan.data_offset, plan.size, plan.header_line + 1)
     try:
-        slow = scan.users_by_reader(plan, whole, directory, "slow", 3)
+        slow = scan.scan_users(plan, whole, directory, "slow", 3, quoted_blocks=False)
     except FileError:  # the reader refuses the file (an unterminated quote, say)
         assert fast is None
         return

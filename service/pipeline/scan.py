@@ -133,26 +133,17 @@ def scan_users(
     block: int = 8 << 20,
     stop: Stop | None = None,
     keep: int = MAX_REPORTED_ERRORS,
+    quoted_blocks: bool = True,
 ) -> ScanResult:
-    """Check a range of users.csv; spill (user_id, name, line) by user partition."""
-    if plan.quoted and not plan.lone_cr:
+    """Check a range of users.csv; spill (user_id, name, line) by user partition.
+
+    A quoted file is first tried by fast-path blocks (``quoted_users``), unless
+    ``quoted_blocks`` is False: then, as when they refuse it, the readers read it.
+    """
+    if quoted_blocks and plan.quoted and not plan.lone_cr:
         fast = quoted_users(plan, spill_dir, prefix, partitions, stop)
         if fast is not None:
             return fast
-    return users_by_reader(plan, part, spill_dir, prefix, partitions, block, stop, keep)
-
-
-def users_by_reader(
-    plan: FilePlan,
-    part: ByteRange,
-    spill_dir: Path,
-    prefix: str,
-    partitions: int,
-    block: int = 8 << 20,
-    stop: Stop | None = None,
-    keep: int = MAX_REPORTED_ERRORS,
-) -> ScanResult:
-    """``scan_users`` by the readers: raw blocks where they are plain, parsed rows else."""
     log = ErrorLog(keep)
     result = ScanResult()
     with ColumnSpill(spill_dir, prefix, partitions) as spill:
