@@ -39,6 +39,7 @@ from service.pipeline.csvfile import (
 from service.pipeline.errors import ErrorLog, FileError
 from service.pipeline.fastpath import experiment_block, user_block
 from service.pipeline.fields import FieldError, parse_id
+from service.pipeline.spill import read_columns
 
 FIRST_LINE = 2  # the line after the header
 
@@ -305,29 +306,36 @@ def quoted_users(draw: st.DrawFn) -> str:
     return end.join(lines) + draw(st.sampled_from(["", end]))
 
 
-def spilled(result: scan.ScanResult) -> list[tuple[list[object], ...]]:
-    from service.pipeline.spill import read_columns
-
+def spilled(result: scan.ScanResult) -> list[list[list[object]]]:
+    """Each partition's spilled (ids, names, lines), however the batches were cut."""
     index = result.spills["users"]
-    extents = [e for p in range(index.partitions) if (e := index.extent(p)) is not None]
-    return list(read_columns(extents))
+    found = []
+    for p in range(index.partitions):
+        extent = index.extent(p)
+        batches = list(read_columns([extent])) if extent is not None else []
+        found.append([[v for batch in batches for v in batch[c]] for c in range(3)])
+    return found
 
 
 @settings(max_examples=300, deadline=None)
-@given(quoted_users())
-@example('1,\t"Smith, Alice",\ta@x.org,\t2023-01-01\r\n2,\t"Kim, Dan",\tb@x.org,\t2023-01-02')
+@given(quoted_users(), st.sampled_from([1 << 20, 1, 16, 40, 64]))
+@example(
+    '1,\t"Smith, Alice",\ta@x.org,\t2023-01-01\r\n2,\t"Kim, Dan",\tb@x.org,\t2023-01-02', 1 << 20
+)
+@example('1,\t"two\nlines",\ta@x.org,\t2023-01-01\n2,\t"Kim, Dan",\tb@x.org,\td', 16)
 def test_quoted_users_fast_path_spills_what_the_reader_reads(
-    tmp_path_factory: pytest.TempPathFactory, text: str
+    tmp_path_factory: pytest.TempPathFactory, text: str, block: int
 ) -> None:
     """A quoted users.csv by fast-path blocks (``quoted_users``) or not at all: when it
-    answers, it spilled exactly the ids, names and lines the reader spills."""
+    answers, it spilled exactly the ids, names and lines the reader spills. Small
+    blocks cut the file inside quoted fields that hold a line end."""
     directory = tmp_path_factory.mktemp("quoted")
     path = directory / "users.csv"
     path.write_text("user_id,\tname,\temail,\tsignup_date\n" + text, encoding="utf-8")
     plan = plan_file(path, USERS)
     if not plan.quoted or plan.lone_cr:
         return
-    fast = scan.quoted_users(plan, directory, "fast", 3, None)
+    fast = scan.quoted_users(plan, directory, "fast", 3, None, block)
     whole = scan.ByteRange(plan.data_offset, plan.size, plan.header_line + 1)
     try:
         slow = scan.scan_users(plan, whole, directory, "slow", 3, quoted_blocks=False)

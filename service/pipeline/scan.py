@@ -175,7 +175,12 @@ def scan_users(
 
 
 def quoted_users(
-    plan: FilePlan, spill_dir: Path, prefix: str, partitions: int, stop: Stop | None
+    plan: FilePlan,
+    spill_dir: Path,
+    prefix: str,
+    partitions: int,
+    stop: Stop | None,
+    block: int = fastpath.BLOCK,
 ) -> ScanResult | None:
     """A users.csv with quotes, by fast-path blocks where they all take it, else None.
 
@@ -191,7 +196,7 @@ def quoted_users(
         plan.name,
         plan.data_offset,
         plan.size,
-        fastpath.BLOCK,
+        block,
         plan.header_line + 1,
         lf_only=True,
     )
