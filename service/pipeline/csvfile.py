@@ -282,9 +282,7 @@ def block_text(data: bytes, name: str, line_no: int) -> str:
 
 def block_lines(data: bytes, name: str, line_no: int) -> list[str]:
     """A block's lines: decoded, line ends unified, no line over the limit."""
-    lines = _split_lines(_block_text(data, name, line_no))
-    _check_lengths(lines, name, line_no)
-    return lines
+    return _split_lines(block_text(data, name, line_no))
 
 
 def _block_text(data: bytes, name: str, line_no: int) -> str:
