@@ -54,7 +54,7 @@ def aggregate_and_copy(
         "top_compounds": rows.tops,
     }
     asyncio.run(_copy(url, settings, batches))
-    result.rows = FeatureRows([], [], [])
+    result.rows = FeatureRows()
     result.loaded = {table: len(batch) for table, batch in batches.items()}  # type: ignore[attr-defined]
     return result
 

@@ -31,8 +31,6 @@ from typing import Any
 from .csvfile import FilePlan
 from .errors import MAX_REPORTED_ERRORS, ErrorLog, FileOrder, RowError
 from .features import (
-    AverageRow,
-    CountRow,
     FeatureRows,
     TopRow,
     average_experiments,
@@ -124,7 +122,7 @@ class PartitionJob:
 
 @dataclass
 class PartitionResult(Checked):
-    rows: FeatureRows = field(default_factory=lambda: FeatureRows([], [], []))
+    rows: FeatureRows = field(default_factory=FeatureRows)
     users: int = 0  # users kept
     experiments: int = 0  # experiments kept
     rejected: int = 0  # experiments rejected here (unknown user or compound)
@@ -331,17 +329,12 @@ def _rows(
 ) -> FeatureRows:
     """Result rows: users with experiments column by column, then the idle users."""
     total = job.total_experiments
-    known = list(map(names.__getitem__, uids))
-    shares = map(average_experiments, ns, repeat(total))
-    means = map(average_run_time, run_times, ns)
-    counts: list[CountRow] = list(zip(uids, known, ns, strict=True))
-    averages: list[AverageRow] = list(zip(uids, known, shares, means, strict=True))
     idle = sorted(names.keys() - set(uids))
-    idle_names = list(map(names.__getitem__, idle))
-    counts += zip(idle, idle_names, repeat(0))
-    averages += zip(
-        idle, idle_names, repeat(average_experiments(0, total)), repeat(average_run_time((), 0))
-    )
+    everyone = uids + idle
+    shares = list(map(average_experiments, ns, repeat(total)))
+    shares += repeat(average_experiments(0, total), len(idle))
+    means = list(map(average_run_time, run_times, ns))
+    means += repeat(average_run_time((), 0), len(idle))
     details = compound_details(job.compounds_file)
     tops: list[TopRow] = []
     for uid, tally in zip(uids, tallies, strict=True):
@@ -352,7 +345,14 @@ def _rows(
             tops.append((uid, cid, name, structure, count, ties))
     result.users = len(names)
     result.experiments = sum(ns)
-    return FeatureRows(counts, averages, tops)
+    return FeatureRows(
+        everyone,
+        list(map(names.__getitem__, everyone)),
+        ns + [0] * len(idle),
+        shares,
+        means,
+        tuple(map(list, zip(*tops, strict=True))),
+    )
 
 
 def write_compound_details(path: Path, details: Mapping[int, tuple[str, str]]) -> None:

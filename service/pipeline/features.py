@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 CountRow = tuple[int, str, int]  # user_id, name, experiment_count
 AverageRow = tuple[int, str, float, float | None]  # user_id, name, share, mean run time
@@ -13,11 +14,33 @@ TopRow = tuple[int, int, str, str, int, int]  # user_id, compound_id, name, stru
 
 @dataclass
 class FeatureRows:
-    """Result rows of one partition, ready for COPY."""
+    """Result rows of one partition, ready for COPY, held as columns: a worker hands them
+    to the loader as a few lists, which pickle both ways in less than half the time the
+    same rows take as tuples (benchmarks/README, eighth round).
 
-    counts: list[CountRow]
-    averages: list[AverageRow]
-    tops: list[TopRow]
+    Every user of the partition has a count and an average row (``user_ids``, ``names``
+    and the columns beside them); ``tops`` are the columns of the top-compound rows, for
+    the users with a compound.
+    """
+
+    user_ids: list[int] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+    experiments: list[int] = field(default_factory=list)
+    shares: list[float] = field(default_factory=list)
+    means: list[float | None] = field(default_factory=list)
+    top_columns: tuple[list[Any], ...] = ()
+
+    @property
+    def counts(self) -> list[CountRow]:
+        return list(zip(self.user_ids, self.names, self.experiments, strict=True))
+
+    @property
+    def averages(self) -> list[AverageRow]:
+        return list(zip(self.user_ids, self.names, self.shares, self.means, strict=True))
+
+    @property
+    def tops(self) -> list[TopRow]:
+        return list(zip(*self.top_columns, strict=True))
 
 
 def average_experiments(count: int, total: int) -> float:
