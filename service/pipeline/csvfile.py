@@ -19,6 +19,7 @@ import io
 import re
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import chain, pairwise
 from pathlib import Path
 
@@ -549,9 +550,15 @@ def _chunks(blocks: Iterable[tuple[bytes, int]], name: str, size: int) -> Iterat
 
 
 def _may_hold_long_line(text: str) -> bool:
-    """False when every half-limit window holds a line end: no line can exceed the limit."""
-    half = max(MAX_LINE_CHARS // 2, 1)
-    return any(text.find("\n", at, at + half) < 0 for at in range(0, len(text), half))
+    return may_hold_line_over(text, MAX_LINE_CHARS)
+
+
+def may_hold_line_over(text: str | bytes, limit: int) -> bool:
+    """False when every half-limit window holds a line end: no line can exceed ``limit``
+    (a few ``find`` calls per block, where its lines' lengths take a pass over them)."""
+    half = max(limit // 2, 1)
+    find = partial(text.find, "\n") if isinstance(text, str) else partial(text.find, b"\n")
+    return any(find(at, at + half) < 0 for at in range(0, len(text), half))
 
 
 @dataclass

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from itertools import repeat
 
-from .csvfile import FIELD_LIMIT, Batch, FilePlan, fix_opening_quotes
+from .csvfile import FIELD_LIMIT, Batch, FilePlan, fix_opening_quotes, may_hold_line_over
 from .fields import compound_lists_valid, ids_column, ids_valid, run_times_valid
 
 BLOCK = 1 << 20  # bytes per block: a block's split fields cost ~20x its size in memory
@@ -55,7 +55,7 @@ def experiment_block(data: bytes) -> Columns | None:
     columns = flat[0::4], flat[1::4], flat[2::4], flat[3::4]
     if not _valid(columns):
         return None
-    if len(data) > FIELD_LIMIT and max(map(len, columns[2])) > FIELD_LIMIT:
+    if may_hold_line_over(data, FIELD_LIMIT) and max(map(len, columns[2])) > FIELD_LIMIT:
         return None  # over the csv module's field limit: let the general reader say so
     return columns
 

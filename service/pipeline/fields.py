@@ -70,6 +70,7 @@ def _show(value: str, limit: int = 40) -> str:
 
 DIGITS = b"0123456789"
 _NINES = bytes.maketrans(DIGITS, b"9" * len(DIGITS))  # every digit to 9: runs show lengths
+_TIME_NINES = bytes.maketrans(DIGITS + b".", b"9" * (len(DIGITS) + 1))
 _LEADING_ZERO = re.compile(rb"[,;]0[0-9]")
 ID_DIGITS = len(str(BIGINT_MAX))  # 19
 TIME_CHARS = 300  # a plain decimal this long is far below float's ~1.8e308: finite
@@ -85,10 +86,11 @@ def ids_valid(column: Sequence[bytes]) -> bool:
     padded = b"," + joined + b","
     if b",," in padded or (b",0" in padded and _LEADING_ZERO.search(padded)):
         return False
-    longest = max(map(len, column))
-    if longest < ID_DIGITS:
+    # Lengths from runs of nines in one pass over the joined text: half the time of
+    # max(map(len, column)) (benchmarks/README, eighth round).
+    if b"9" * ID_DIGITS not in joined.translate(_NINES):
         return True
-    return longest == ID_DIGITS and max(map(int, column)) <= BIGINT_MAX
+    return max(map(int, column)) <= BIGINT_MAX  # canonical: 20 digits are past it too
 
 
 def run_times_valid(column: Sequence[bytes]) -> bool:
@@ -102,7 +104,7 @@ def run_times_valid(column: Sequence[bytes]) -> bool:
     padded = b"," + joined + b","
     if b",," in padded or b",.," in padded or b".." in padded.translate(None, DIGITS):
         return False
-    return max(map(len, column)) <= TIME_CHARS
+    return b"9" * (TIME_CHARS + 1) not in padded.translate(_TIME_NINES)
 
 
 def compound_lists_valid(column: Sequence[bytes]) -> bool:
