@@ -288,6 +288,8 @@ def quoted_users(draw: st.DrawFn) -> str:
         ' \t"Lee, Ann"',
         '"Kim" x',
         '"a,b,c"',
+        "5'10\" or 6'1\" tall",  # quotes inside an unquoted field are its own text
+        'x\t"ab"',
     ]
     bad = ['"Bob ""The Builder"""', '"two\nlines"', "5'10\" tall", '"unterminated']
     wrong = draw(st.booleans())

@@ -138,14 +138,17 @@ def quoted_user_block(text: str, plan: FilePlan) -> tuple[list[int], list[str]] 
         lines = text.split("\n")
         lines.pop()
         return user_block(lines, plan)
-    fixed, misplaced = fix_opening_quotes(parts)
-    quoted = fixed[1::2]
-    if misplaced is not None or "" in fixed[2:-1:2] or "\n" in "".join(quoted):
-        return None  # a quote in an unquoted field, a doubled quote, a line end inside
+    if not _quotes_open_fields(parts):
+        parts, misplaced = fix_opening_quotes(parts)
+        if misplaced is not None or "" in parts[2:-1:2]:
+            return None  # a quote in an unquoted field, or a doubled quote
+    inside = '"'.join(parts[1::2])
+    if "\n" in inside:
+        return None  # a line end inside quotes
     # Commas inside quotes set aside as NUL (the decoder refuses it in the data), all
     # quoted fields at once: a quote is the one character none of them holds now.
-    fixed[1::2] = '"'.join(quoted).replace(",", "\x00").split('"')
-    plain = "".join(fixed).split("\n")
+    parts[1::2] = inside.replace(",", "\x00").split('"')
+    plain = "".join(parts).split("\n")
     plain.pop()
     taken = user_block(plain, plan)
     if taken is None:
@@ -153,3 +156,18 @@ def quoted_user_block(text: str, plan: FilePlan) -> tuple[list[int], list[str]] 
     ids, names = taken
     joined = "\n".join(names)
     return ids, joined.replace("\x00", ",").split("\n") if "\x00" in joined else names
+
+
+_OPENS = (",", "\n", ", ", ",\t")  # what comes before an opening quote, usually
+
+
+def _quotes_open_fields(parts: list[str]) -> bool:
+    """The usual form, in one C-level pass over the parts before opening quotes: each
+    follows a delimiter (and at most one blank) or a line start. The blank stays:
+    ``user_block`` strips its fields, as the reader's rows are stripped. Anything else
+    takes ``fix_opening_quotes``. (An empty part, a doubled quote, is not of this form.)
+    """
+    openers = parts[0:-1:2]
+    if openers[0] == "":
+        openers = openers[1:]  # the block starts with a quote: a row start
+    return all(map(str.endswith, openers, repeat(_OPENS)))
