@@ -422,11 +422,11 @@ def _commas_quoted_fast(first: str, rest: Iterator[str], name: str, line: int) -
         raise _Inexact()
 
 
-def plan_named(inputs: Inputs, block: int = 8 << 20) -> InputPlan:
+def plan_named(inputs: Inputs, block: int = 8 << 20, experiments_read: bool = True) -> InputPlan:
     """``plan_inputs`` on the plain files, with errors naming the user's files."""
     names = {f.path.name: f.name for f in inputs.files.values()}
     try:
-        plan = plan_inputs(inputs.directory, block)
+        plan = plan_inputs(inputs.directory, block, experiments_read)
     except InputError as exc:
         raise InputError([renamed(e, names) for e in exc.errors], exc.total) from None
     users, experiments, compounds = (

@@ -18,7 +18,7 @@ import csv
 import io
 import re
 from collections.abc import Generator, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from itertools import chain, pairwise
 from pathlib import Path
@@ -67,11 +67,16 @@ class FilePlan:
     quoted: bool  # the data contains a quote: must be read by one sequential reader
     lone_cr: bool  # some line ends are a bare CR: cannot be split at LF
     # Where the data may be cut into byte ranges: (offset of a line start, its line
-    # number), about one per planning block; the first is the data's own start.
+    # number), about one per planning block; the first is the data's own start. Empty
+    # until the data has been read (``scan_plan``).
     cuts: tuple[tuple[int, int], ...] = ()
 
     def splittable(self) -> bool:
         return not (self.quoted or self.lone_cr)
+
+    @property
+    def scanned(self) -> bool:
+        return bool(self.cuts) or self.data_offset >= self.size
 
 
 @dataclass(frozen=True)
@@ -137,8 +142,13 @@ def _scan_bytes(
     return quoted, lone_cr, [c for c in cuts if c[0] < offset]
 
 
-def plan_file(path: Path, spec: TableSpec, block: int = 8 * 1024 * 1024) -> FilePlan:
-    """Read and check the header; note whether the rest may be split into ranges."""
+def plan_file(
+    path: Path, spec: TableSpec, block: int = 8 * 1024 * 1024, scan: bool = True
+) -> FilePlan:
+    """Read and check the header; note whether the rest may be split into ranges.
+
+    With ``scan`` False only the header is read: ``scan_plan`` reads the rest later.
+    """
     name = path.name
     size = path.stat().st_size
     header, header_line, offset = _read_header(path, name)
@@ -155,10 +165,14 @@ def plan_file(path: Path, spec: TableSpec, block: int = 8 * 1024 * 1024) -> File
                 RowError(name, header_line, hits[1] + 1, f"duplicate column {wanted!r}", wanted)
             )
         columns[wanted] = hits[0]
-    quoted, lone_cr, cuts = _scan_bytes(path, offset, header_line + 1, block)
-    return FilePlan(
-        path, name, size, offset, header_line, columns, len(header), quoted, lone_cr, tuple(cuts)
-    )
+    plan = FilePlan(path, name, size, offset, header_line, columns, len(header), False, False)
+    return scan_plan(plan, block) if scan else plan
+
+
+def scan_plan(plan: FilePlan, block: int = 8 * 1024 * 1024) -> FilePlan:
+    """``plan`` with what its data holds: quotes, bare CRs and cut points."""
+    quoted, lone_cr, cuts = _scan_bytes(plan.path, plan.data_offset, plan.header_line + 1, block)
+    return replace(plan, quoted=quoted, lone_cr=lone_cr, cuts=tuple(cuts))
 
 
 _LINE = re.compile(rb"([^\r\n]*)(\r\n|\r|\n|$)")
@@ -787,6 +801,7 @@ def split_ranges(plan: FilePlan, target: int) -> list[ByteRange]:
 
     A file that cannot be split (quotes, bare CRs) is one range.
     """
+    assert plan.scanned, "split_ranges needs the plan's cut points (scan_plan)"
     begin, end = plan.data_offset, plan.size
     whole = [ByteRange(begin, end, plan.header_line + 1)]
     if not plan.splittable() or len(plan.cuts) < 2:

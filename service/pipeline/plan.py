@@ -25,15 +25,20 @@ class InputPlan:
         return self.users.size + self.experiments.size + self.compounds.size
 
 
-def plan_inputs(directory: Path, block: int = 8 << 20) -> InputPlan:
-    """Check the directory's three files and headers; report every problem at once."""
+def plan_inputs(directory: Path, block: int = 8 << 20, experiments_read: bool = True) -> InputPlan:
+    """Check the directory's three files and headers; report every problem at once.
+
+    With ``experiments_read`` False, the experiments' data is left for ``scan_plan``: a
+    run reads it while the other files' scans already go.
+    """
     if not directory.is_dir():
         raise InputError([RowError(str(directory), None, None, "input directory not found")])
     plans: list[FilePlan] = []
     errors: list[RowError] = []
     for spec in (USERS, EXPERIMENTS, COMPOUNDS):
         try:
-            plans.append(plan_file(find_file(directory, spec), spec, block))
+            scan = experiments_read or spec is not EXPERIMENTS
+            plans.append(plan_file(find_file(directory, spec), spec, block, scan))
         except FileError as exc:
             errors.append(exc.error)
         except OSError as exc:
