@@ -227,13 +227,20 @@ class Runner:
         return self.task is None or self.task.done()
 
     async def close(self, webhook_grace: float = 0.0) -> None:
-        """Cancel the active run (rolled back, status cancelled) and wait for it.
+        """Cancel the active run (rolled back, status cancelled) and wait for it; a run
+        already swapped in is let finish.
 
         Webhook deliveries get ``webhook_grace`` seconds, then are cancelled.
         """
-        if self.task is not None and not self.task.done():
-            self.task.cancel()
-            await asyncio.gather(self.task, return_exceptions=True)
+        task = self.task
+        if task is not None and not task.done():
+            if self.pipeline is not None and self.pipeline.progress.phase == "done":
+                # Swapped in: what is left (the commit, dropping the replaced tables,
+                # the run's lock) is short and bounded; cut, it left them behind.
+                bound = self.settings.lock_timeout + self.settings.db_timeout
+                await asyncio.wait({task}, timeout=bound)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
         await self.webhooks.close(webhook_grace)
 
 
