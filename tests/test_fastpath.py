@@ -325,6 +325,10 @@ def spilled(result: scan.ScanResult) -> list[list[list[object]]]:
     '1,\t"Smith, Alice",\ta@x.org,\t2023-01-01\r\n2,\t"Kim, Dan",\tb@x.org,\t2023-01-02', 1 << 20
 )
 @example('1,\t"two\nlines",\ta@x.org,\t2023-01-01\n2,\t"Kim, Dan",\tb@x.org,\td', 16)
+@example('1,\t"two\nlines",\ta@x.org,\td\n2,\t"Kim, Dan",\tb@x.org,\td\n3,\t"a",\te,\td', 1 << 20)
+@example('1,\t"a\nb",\te,\td\n2,\t"c\nd",\te,\td\n', 1 << 20)
+@example('1,\t"Kim, Dan",\ta@x.org,\td\n2,\tBob,\t"b@x.org",\td\n', 1 << 20)
+@example('"1",\t"Kim, Dan",\ta,\td\n"2",\t"Lee, Ann",\tb,\td\n3,\t"x",\tc,\td\n', 1 << 20)
 def test_quoted_users_fast_path_spills_what_the_reader_reads(
     tmp_path_factory: pytest.TempPathFactory, text: str, block: int
 ) -> None:

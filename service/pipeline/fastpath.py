@@ -138,6 +138,10 @@ def quoted_user_block(text: str, plan: FilePlan) -> tuple[list[int], list[str]] 
         lines = text.split("\n")
         lines.pop()
         return user_block(lines, plan)
+    if not may_hold_line_over(text, FIELD_LIMIT):
+        taken = _quoted_columns(text, parts, plan)
+        if taken is not None:
+            return taken
     if not _quotes_open_fields(parts):
         parts, misplaced = fix_opening_quotes(parts)
         if misplaced is not None or "" in parts[2:-1:2]:
@@ -156,6 +160,50 @@ def quoted_user_block(text: str, plan: FilePlan) -> tuple[list[int], list[str]] 
     ids, names = taken
     joined = "\n".join(names)
     return ids, joined.replace("\x00", ",").split("\n") if "\x00" in joined else names
+
+
+def _quoted_columns(
+    text: str, parts: list[str], plan: FilePlan
+) -> tuple[list[int], list[str]] | None:
+    """The usual quoted block, where every line quotes the same columns, each whole:
+    right after a delimiter (one blank at most) or a line start, closed right before a
+    delimiter or line end. Else None, whatever the reason (the caller looks closer).
+
+    Each quoted field is left as a lone quote, so the plain split gives every field;
+    a quoted column's values are then the insides of the quotes, in order.
+    """
+    inside = parts[1::2]
+    quotes = len(inside)
+    # A glance at the block's first lines first: where only some fields are quoted (as
+    # most writers quote, where needed), they will not all quote the same number.
+    head = text.rfind("\n", 0, 8192) + 1
+    if text.count('"', 0, text.find("\n")) * text.count("\n", 0, head) != text.count('"', 0, head):
+        return None
+    if "\n" in "".join(inside):
+        return None  # a line end inside quotes
+    # One blank before an opening quote goes, as the reader drops it.
+    shell = '"'.join(parts[0::2]).replace(', "', ',"').replace(',\t"', ',"')
+    lines = shell.split("\n")
+    lines.pop()
+    width = plan.width
+    if set(map(str.count, lines, repeat(","))) != {width - 1}:
+        return None  # a blank line or a wrong number of fields
+    flat = ",".join(lines).split(",")
+    # Each lone quote must be a field of its own, in the columns the first line quotes:
+    # as many such fields as quotes, so none is elsewhere (a doubled quote is not one).
+    quoted = [c for c in range(width) if flat[c] == '"']
+    if len(quoted) * len(lines) != quotes:
+        return None
+    if any(flat[c::width].count('"') != len(lines) for c in quoted):
+        return None  # another line quotes other columns
+
+    def column(name: str) -> list[str]:
+        c = plan.columns[name]
+        values = inside[quoted.index(c) :: len(quoted)] if c in quoted else flat[c::width]
+        return list(map(str.strip, values))
+
+    ids = ids_column(column("user_id"))
+    return None if ids is None else (ids, column("name"))
 
 
 _OPENS = (",", "\n", ", ", ",\t")  # what comes before an opening quote, usually
