@@ -24,7 +24,7 @@ import aiohttp
 import asyncpg
 import psutil  # type: ignore[import-untyped]
 import pytest
-from badinput import checksum, connect
+from badinput import checksum, connect, scratch_tables
 from test_faults import admin, app_settings, assert_clean, medium_data
 from test_web_ops import (
     Proxy,
@@ -268,6 +268,39 @@ async def run_and_wait(client: Client, dataset: str | None = None) -> dict[str, 
         assert response.status == 202, await response.text()
         run = await response.json()
     return await wait_for(client, run["id"], {"succeeded", "failed", "cancelled"})
+
+
+SLOW_DROPS = r"""
+CREATE FUNCTION etl_test_slow_drop() RETURNS event_trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_event_trigger_dropped_objects()
+               WHERE object_type = 'table' AND object_name LIKE '%\_retired') THEN
+        PERFORM pg_sleep(0.5);
+    END IF;
+END $$;
+CREATE EVENT TRIGGER etl_test_slow_drops ON sql_drop EXECUTE FUNCTION etl_test_slow_drop();
+"""
+
+
+async def test_a_shutdown_right_after_the_swap_lets_the_run_drop_the_tables_it_replaced(
+    serve: Serve, settings: Settings, admin: asyncpg.Connection
+) -> None:
+    """The server stops as soon as a run reads succeeded, while the run still drops the
+    tables its swap replaced (slowed to 0.5 s a table here): shutdown lets it finish, so
+    no replaced table is left behind (cut, it left them for the next run)."""
+    client = await serve()
+    assert (await run_and_wait(client))["status"] == "succeeded"  # tables to replace
+    await admin.execute(SLOW_DROPS)
+    try:
+        assert (await run_and_wait(client))["status"] == "succeeded"
+        assert await scratch_tables(settings) != []  # the drop is still going
+        await client.close()
+    finally:
+        await admin.execute(
+            "DROP EVENT TRIGGER IF EXISTS etl_test_slow_drops;"
+            " DROP FUNCTION IF EXISTS etl_test_slow_drop()"
+        )
+    assert await scratch_tables(settings) == []
 
 
 async def test_a_frozen_database_connection_fails_the_run_and_the_next_one_works(
