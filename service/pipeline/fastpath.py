@@ -175,9 +175,11 @@ def _quoted_columns(
     inside = parts[1::2]
     quotes = len(inside)
     # A glance at the block's first lines first: where only some fields are quoted (as
-    # most writers quote, where needed), they will not all quote the same number.
+    # most writers quote, where needed), they will not all quote the same number, and
+    # the first line often quotes none.
+    first = text.count('"', 0, text.find("\n"))
     head = text.rfind("\n", 0, 8192) + 1
-    if text.count('"', 0, text.find("\n")) * text.count("\n", 0, head) != text.count('"', 0, head):
+    if not first or first * text.count("\n", 0, head) != text.count('"', 0, head):
         return None
     if "\n" in "".join(inside):
         return None  # a line end inside quotes
