@@ -209,7 +209,9 @@ class Pipeline:
         self.inputs = inputs
         # Cut points every MiB at most, so that ranges can be small on small inputs.
         plan_block = min(self.settings.chunk_bytes, PLAN_BLOCK)
-        plan = await asyncio.to_thread(plan_named, inputs, plan_block, False)
+        plan = await asyncio.to_thread(
+            partial(plan_named, inputs, plan_block, experiments_read=False)
+        )
         self.phases["inputs"] = round(time.perf_counter() - mark, 3)
         self.errors = ErrorLog(opts.errors_kept, plan.order)
         self.progress.bytes_total = plan.total_bytes

@@ -290,7 +290,7 @@ def line_count(data: bytes) -> int:
 def block_text(data: bytes, name: str, line_no: int) -> str:
     """A block decoded, line ends unified and ended, no line over the limit (unsplit)."""
     text = _block_text(data, name, line_no)
-    if _may_hold_long_line(text):
+    if may_hold_line_over(text, MAX_LINE_CHARS):
         _check_lengths(_split_lines(text), name, line_no)
     return text if text.endswith("\n") else text + "\n"
 
@@ -552,7 +552,7 @@ def _chunks(blocks: Iterable[tuple[bytes, int]], name: str, size: int) -> Iterat
     """Decoded text in pieces of about ``size`` characters, each ending with ``\\n``."""
     for data, line_no in blocks:
         text = _block_text(data, name, line_no)
-        if _may_hold_long_line(text):
+        if may_hold_line_over(text, MAX_LINE_CHARS):
             _check_lengths(_split_lines(text), name, line_no)
         if not text.endswith("\n"):
             text += "\n"  # the last line of the file, ended as the reader ends it
@@ -561,10 +561,6 @@ def _chunks(blocks: Iterable[tuple[bytes, int]], name: str, size: int) -> Iterat
             cut = text.find("\n", pos + size - 1) + 1 or len(text)
             yield text[pos:cut]
             pos = cut
-
-
-def _may_hold_long_line(text: str) -> bool:
-    return may_hold_line_over(text, MAX_LINE_CHARS)
 
 
 def may_hold_line_over(text: str | bytes, limit: int) -> bool:

@@ -111,15 +111,26 @@ def user_block(lines: list[str], plan: FilePlan) -> tuple[list[int], list[str]] 
     field once each line is known to hold exactly ``width - 1`` commas.
     """
     width = plan.width
+    flat = _fields(lines, width)
+    if flat is None or max(map(len, lines)) > FIELD_LIMIT:
+        return None  # a field may be over the csv module's limit: let the reader say so
+    return _ids_and_names(
+        flat[plan.columns["user_id"] :: width], flat[plan.columns["name"] :: width]
+    )
+
+
+def _fields(lines: list[str], width: int) -> list[str] | None:
+    """Every field of lines without quotes, by one split, when each line holds exactly
+    ``width - 1`` commas; else None (a blank line or a wrong number of fields)."""
     if set(map(str.count, lines, repeat(","))) != {width - 1}:
-        return None  # a blank line or a wrong number of fields
-    if max(map(len, lines)) > FIELD_LIMIT:
-        return None  # a field may be over the csv module's limit: let it say so
-    flat = ",".join(lines).split(",")
-    ids = ids_column(list(map(str.strip, flat[plan.columns["user_id"] :: width])))
-    if ids is None:
         return None
-    return ids, list(map(str.strip, flat[plan.columns["name"] :: width]))
+    return ",".join(lines).split(",")
+
+
+def _ids_and_names(ids: list[str], names: list[str]) -> tuple[list[int], list[str]] | None:
+    """The stripped columns as user ids and names, when every id is valid."""
+    found = ids_column(list(map(str.strip, ids)))
+    return None if found is None else (found, list(map(str.strip, names)))
 
 
 def quoted_user_block(text: str, plan: FilePlan) -> tuple[list[int], list[str]] | None:
@@ -188,9 +199,9 @@ def _quoted_columns(
     lines = shell.split("\n")
     lines.pop()
     width = plan.width
-    if set(map(str.count, lines, repeat(","))) != {width - 1}:
-        return None  # a blank line or a wrong number of fields
-    flat = ",".join(lines).split(",")
+    flat = _fields(lines, width)
+    if flat is None:
+        return None
     # Each lone quote must be a field of its own, in the columns the first line quotes:
     # as many such fields as quotes, so none is elsewhere (a doubled quote is not one).
     quoted = [c for c in range(width) if flat[c] == '"']
@@ -201,11 +212,9 @@ def _quoted_columns(
 
     def column(name: str) -> list[str]:
         c = plan.columns[name]
-        values = inside[quoted.index(c) :: len(quoted)] if c in quoted else flat[c::width]
-        return list(map(str.strip, values))
+        return inside[quoted.index(c) :: len(quoted)] if c in quoted else flat[c::width]
 
-    ids = ids_column(column("user_id"))
-    return None if ids is None else (ids, column("name"))
+    return _ids_and_names(column("user_id"), column("name"))
 
 
 _OPENS = (",", "\n", ", ", ",\t")  # what comes before an opening quote, usually
