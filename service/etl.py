@@ -304,7 +304,7 @@ class Pipeline:
         last kept one worker busy alone at the end (10M sparse: ~2 s with one core idle)."""
         # Four ranges per worker at least, so that no worker waits long at the end.
         target = min(RANGE_BYTES, max(1, file_plan.size // (4 * self.settings.workers)))
-        parts = list(enumerate(split_ranges(file_plan, target)))
+        parts = list(enumerate(split_ranges(file_plan, target, self.settings.workers)))
         parts.sort(key=lambda p: p[1].end - p[1].start, reverse=True)
         return [
             self._counted(

@@ -47,6 +47,24 @@ def test_byte_ranges_cover_the_data_and_know_their_first_line(generated: Path, t
     assert target > len(data) or len(ranges) >= len(data) // max(target, 1000) - 1
 
 
+@pytest.mark.parametrize("workers", [1, 2, 4])
+def test_byte_ranges_shrink_towards_the_end_so_no_worker_scans_alone(
+    generated: Path, workers: int
+) -> None:
+    """Guided self-scheduling: a range is at most the rest over twice the workers (plus
+    the planning block its cut falls in), so the last ranges are small."""
+    block = 1000
+    plan = plan_file(generated / "user_experiments.csv", EXPERIMENTS, block=block)
+    ranges = split_ranges(plan, 1 << 30, workers)
+    assert ranges[0].start == plan.data_offset and ranges[-1].end == plan.size
+    assert all(a.end == b.start for a, b in itertools.pairwise(ranges))
+    for r in ranges[:-1]:
+        assert r.end - r.start < (plan.size - r.start) // (2 * workers) + block
+    sizes = [r.end - r.start for r in ranges]
+    assert len(ranges) >= 2 * workers
+    assert sizes[-1] < sizes[0] // 2
+
+
 @pytest.mark.parametrize(
     ("partitions", "workers", "range_bytes", "chunk_bytes"),
     [(1, 1, 1 << 30, 8 << 20), (4, 1, 20_000, 4096), (7, 2, 9_000, 1000), (64, 2, 1 << 30, 8192)],

@@ -791,9 +791,14 @@ def _csv_failure(name: str, lines: list[str], first_line: int, exc: csv.Error) -
     return FileError(RowError(name, first_line, None, f"CSV error: {exc}"))
 
 
-def split_ranges(plan: FilePlan, target: int) -> list[ByteRange]:
+def split_ranges(plan: FilePlan, target: int, workers: int = 0) -> list[ByteRange]:
     """Cut the data into byte ranges of about ``target`` bytes (at least one planning
     block each) that start at line starts with known line numbers.
+
+    With ``workers``, the ranges shrink towards the end of the file (guided
+    self-scheduling): a range is at most the rest of the data over twice the workers,
+    so that the last tasks are small and no worker scans alone for long at the end of
+    the phase (10M dense: the last of 19 ranges of 16 MB ran alone for ~0.6 s).
 
     A file that cannot be split (quotes, bare CRs) is one range.
     """
@@ -804,7 +809,9 @@ def split_ranges(plan: FilePlan, target: int) -> list[ByteRange]:
         return whole
     chosen = [plan.cuts[0]]
     for cut in plan.cuts[1:]:
-        if cut[0] - chosen[-1][0] >= target and end - cut[0] >= target // 2:
+        start = chosen[-1][0]
+        size = min(target, (end - start) // (2 * workers)) if workers else target
+        if cut[0] - start >= size and end - cut[0] >= size // 2:
             chosen.append(cut)
     ends = [c[0] for c in chosen[1:]] + [end]
     return [ByteRange(s, e, line) for (s, line), e in zip(chosen, ends, strict=True)]
