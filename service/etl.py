@@ -433,9 +433,10 @@ class Pipeline:
                         result.log.total and self.options.on_error == "abort"
                     )
                     if loading:
-                        await load.put("experiment_counts", result.rows.counts)
-                        await load.put("experiment_averages", result.rows.averages)
-                        await load.put("top_compounds", result.rows.tops)
+                        rows = result.rows
+                        await load.put("experiment_counts", rows.count_columns)
+                        await load.put("experiment_averages", rows.average_columns)
+                        await load.put("top_compounds", rows.top_columns)
         finally:
             for task in running:
                 task.cancel()

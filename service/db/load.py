@@ -41,7 +41,7 @@ class SwapBlocked(Exception):
 
 
 class TableStream:
-    """A queue of record batches feeding one COPY into one staging table."""
+    """A queue of batches (rows given as columns) feeding one COPY into one staging table."""
 
     def __init__(self, conn: Connection, table: str, timeout: float) -> None:
         self.conn = conn
@@ -53,9 +53,9 @@ class TableStream:
 
     async def _records(self) -> AsyncIterator[Sequence[Any]]:
         while (batch := await self.queue.get()) is not _DONE:
-            assert isinstance(batch, list)
-            self.rows += len(batch)
-            for record in batch:
+            assert isinstance(batch, Sequence)
+            self.rows += len(batch[0])
+            for record in zip(*batch, strict=True):
                 yield record
 
     async def run(self) -> None:
@@ -114,8 +114,9 @@ class StagedLoad:
             raise
         return self
 
-    async def put(self, table: str, batch: list[Any]) -> None:
-        if batch:
+    async def put(self, table: str, batch: Sequence[Sequence[Any]]) -> None:
+        """Queue a batch of rows for one table, given as columns (zipped as they go)."""
+        if batch and batch[0]:
             await self.streams[table].put(batch)
 
     async def finish(self) -> dict[str, int]:

@@ -31,12 +31,20 @@ class FeatureRows:
     top_columns: tuple[list[Any], ...] = ()
 
     @property
+    def count_columns(self) -> tuple[list[Any], ...]:
+        return self.user_ids, self.names, self.experiments
+
+    @property
+    def average_columns(self) -> tuple[list[Any], ...]:
+        return self.user_ids, self.names, self.shares, self.means
+
+    @property
     def counts(self) -> list[CountRow]:
-        return list(zip(self.user_ids, self.names, self.experiments, strict=True))
+        return list(zip(*self.count_columns, strict=True))
 
     @property
     def averages(self) -> list[AverageRow]:
-        return list(zip(self.user_ids, self.names, self.shares, self.means, strict=True))
+        return list(zip(*self.average_columns, strict=True))
 
     @property
     def tops(self) -> list[TopRow]:
