@@ -40,7 +40,7 @@ from .pipeline.aggregate import (
     fold_slice,
     merge_slices,
 )
-from .pipeline.csvfile import FilePlan, scan_plan, split_ranges
+from .pipeline.csvfile import ByteRange, FilePlan, scan_plan, split_ranges
 from .pipeline.errors import MAX_REPORTED_ERRORS, ErrorLog, InputError, RowError
 from .pipeline.features import global_average
 from .pipeline.plan import InputPlan
@@ -125,7 +125,7 @@ class Scanned:
     plan: InputPlan
     users: list[SpillIndex]  # users by user partition
     experiments: list[SpillIndex]  # experiment rows by user partition
-    experiment_ids: list[SpillIndex]  # experiment ids by experiment-id partition
+    experiment_ids: list[tuple[SpillIndex, ByteRange]]  # ids by id partition, and the range
     partitions: int
     experiment_rows: int  # experiments whose fields are valid
     compounds: int
@@ -284,7 +284,9 @@ class Pipeline:
             plan=plan,
             users=by_kind["users"],
             experiments=by_kind["by_user"],
-            experiment_ids=by_kind["by_id"],
+            experiment_ids=[
+                (r.spills["by_id"], r.part) for r in results if r.part and "by_id" in r.spills
+            ],
             partitions=partitions,
             experiment_rows=self.progress.rows_read["experiments"],
             compounds=self.progress.rows_read["compounds"],
@@ -336,12 +338,18 @@ class Pipeline:
     async def _check_experiment_ids(self, plan: InputPlan, scanned: Scanned) -> frozenset[int]:
         """Repeated experiment ids, per id partition; the lines of the rejected repeats."""
         by_partition = await asyncio.to_thread(
-            _all_extents, scanned.experiment_ids, scanned.partitions
+            _id_extents, scanned.experiment_ids, scanned.partitions
         )
         checks = [
-            self._call(check_experiment_ids, extents, plan.experiments, self.options.errors_kept)
-            for extents in by_partition
-            if extents
+            self._call(
+                check_experiment_ids,
+                scans,
+                plan.experiments,
+                self.options.errors_kept,
+                self.settings.chunk_bytes,
+            )
+            for scans in by_partition
+            if scans
         ]
         rejected: set[int] = set()
         for check in await _gather(*checks):
@@ -519,8 +527,14 @@ def _extents(indexes: list[SpillIndex], partition: int) -> list[Extent]:
     return [e for index in indexes if (e := index.extent(partition)) is not None]
 
 
-def _all_extents(indexes: list[SpillIndex], partitions: int) -> list[list[Extent]]:
-    return [_extents(indexes, p) for p in range(partitions)]
+def _id_extents(
+    scans: list[tuple[SpillIndex, ByteRange]], partitions: int
+) -> list[list[tuple[Extent, ByteRange]]]:
+    """Each id partition's extent in every scan's id spill, with the range it read."""
+    return [
+        [(e, part) for index, part in scans if (e := index.extent(p)) is not None]
+        for p in range(partitions)
+    ]
 
 
 def _sizes(indexes: list[SpillIndex], partitions: int) -> list[int]:

@@ -42,9 +42,18 @@ from service.pipeline.aggregate import (
     merge_slices,
     write_compound_details,
 )
-from service.pipeline.csvfile import EXPERIMENTS, USERS, FilePlan, plan_file
+from service.pipeline.csvfile import (
+    EXPERIMENTS,
+    USERS,
+    ByteRange,
+    FilePlan,
+    plan_file,
+    scan_plan,
+    split_ranges,
+)
 from service.pipeline.errors import MAX_REPORTED_ERRORS, RowError
 from service.pipeline.fields import BIGINT_MAX
+from service.pipeline.scan import scan_experiments
 from service.pipeline.spill import ColumnSpill, Extent, LineSpill
 from service.settings import Settings
 
@@ -351,17 +360,33 @@ def test_an_unknown_compound_is_named_first_of_its_list() -> None:
     assert result.rows.tops == [(5, 1, "name 1", "C1", 1, 2)]
 
 
-def id_extents(directory: Path, eids: Sequence[int], lines: Sequence[int]) -> list[Extent]:
-    """An experiment-id partition's spill: ``experiment_id,line``."""
-    texts = [f"{e},{n}" for e, n in zip(eids, lines, strict=True)]
-    return line_extents(directory, "ids", texts, batch=3)
+def id_scans(
+    directory: Path, eids: Sequence[int], lines: Sequence[int]
+) -> tuple[list[tuple[Extent, ByteRange]], FilePlan]:
+    """An experiment-id partition as the check gets it: the id spill of each scan of an
+    experiments file holding ``eids[i]`` on line ``lines[i]``, with the range the scan
+    read; the scans come last range first, as the workers may finish them."""
+    by_line = dict(zip(lines, eids, strict=True))
+    rows = [f"{by_line[n]},5,1,1" for n in sorted(by_line)]
+    assert sorted(by_line) == list(range(2, 2 + len(rows)))
+    path = directory / EXPERIMENTS.filenames[0]
+    path.write_text("\n".join([",".join(EXPERIMENTS.columns), *rows]) + "\n", encoding="utf-8")
+    plan = scan_plan(plan_file(path, EXPERIMENTS, block=16), 16)
+    scans = []
+    for i, part in enumerate(split_ranges(plan, 24)):
+        found = scan_experiments(plan, part, directory, f"scan{i}", 1)
+        extent = found.spills["by_id"].extent(0)
+        if extent is not None:
+            scans.append((extent, part))
+    assert len(scans) > 1 or len(rows) < 6
+    return scans[::-1], plan
 
 
 def test_lines_the_id_check_rejects_are_left_out_of_the_partition() -> None:
     with scratch(buffer_bytes=20) as directory:
         eids = [123, 7, 123, 8, 7]  # lines 2..6
         experiments = [(5, "1", "10"), (5, "2", "20"), (6, "3", "30"), (6, "3", "40"), (5, "", "1")]
-        check = check_experiment_ids(id_extents(directory, eids, range(2, 7)), plans(directory)[1])
+        check = check_experiment_ids(*id_scans(directory, eids, range(2, 7)))
         job = partition_job(
             directory, [(5, "Ann"), (6, "Bob")], experiments, rejected=frozenset(check.rejected)
         )
@@ -401,7 +426,7 @@ def test_every_repeated_experiment_id_names_its_first_line(
     lines = list(range(2, 2 + len(eids)))
     rng.shuffle(lines)
     with scratch(buffer_bytes=20) as directory:
-        check = check_experiment_ids(id_extents(directory, eids, lines), plans(directory)[1])
+        check = check_experiment_ids(*id_scans(directory, eids, lines))
     repeats = expected_repeats(eids, lines)
     assert [(e.line, e.column, e.message) for e in check.log.errors] == [
         (line, 1, f"duplicate experiment_id {eid} (first on line {first})")
@@ -416,7 +441,7 @@ def test_the_first_hundred_errors_are_the_smallest_lines_and_the_total_counts_al
     lines = list(range(2, 402))
     rng.shuffle(lines)  # written out of line order, as several ranges' scans may
     with scratch(buffer_bytes=100) as directory:
-        check = check_experiment_ids(id_extents(directory, [1] * 400, lines), plans(directory)[1])
+        check = check_experiment_ids(*id_scans(directory, [1] * 400, lines))
         experiments = [(9 if n % 2 else 5, "1", "1") for n in lines]  # 200 of user 9: unknown
         job = partition_job(directory, [(5, "Ann")], experiments, lines=lines)
         whole = aggregate_partition(job)

@@ -5,7 +5,8 @@ it, so the duplicate-user check, the experiment -> user and experiment -> compou
 references and each user's counters are complete on their own: memory is bounded by the
 partition, never by the whole input. An experiment-id partition does the same for
 duplicate experiment ids (``check_experiment_ids``), before aggregation, so that the
-rows it rejects are left out of it.
+rows it rejects are left out of it; its spill holds the ids alone, and only a repeated
+id sends the check back to the ranges that hold it for its lines.
 
 Sorting a partition's spilled lines (they start with the user id) puts each user's
 experiments side by side, so there is no Python step per experiment: columns come from
@@ -24,11 +25,11 @@ import pickle
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from itertools import accumulate, chain, groupby, repeat
+from itertools import accumulate, chain, compress, groupby, repeat
 from pathlib import Path
 from typing import Any
 
-from .csvfile import FilePlan
+from .csvfile import ByteRange, FilePlan
 from .errors import MAX_REPORTED_ERRORS, ErrorLog, FileOrder, RowError
 from .features import (
     FeatureRows,
@@ -37,7 +38,7 @@ from .features import (
     average_run_time,
     top_compound,
 )
-from .scan import field_error
+from .scan import experiment_columns, field_error
 from .spill import Extent, read_columns, read_lines
 
 # Counter's own C counting loop, without Counter.__init__'s Python-level dispatch: one
@@ -82,15 +83,36 @@ class IdCheck(Checked):
 
 
 def check_experiment_ids(
-    extents: Sequence[Extent], plan: FilePlan, keep: int = MAX_REPORTED_ERRORS
+    scans: Sequence[tuple[Extent, ByteRange]],
+    plan: FilePlan,
+    keep: int = MAX_REPORTED_ERRORS,
+    block: int = 8 << 20,
 ) -> IdCheck:
-    """Find repeated experiment ids; each later occurrence names the line of the first."""
-    flat = ",".join(read_lines(extents)).split(",")
-    eids = flat[0::2]
+    """Find repeated experiment ids; each later occurrence names the line of the first.
+
+    ``scans``: this id partition's spill in each scan, with the range that scan read.
+    The spills hold ids alone; where one repeats, the ranges whose spill holds it are
+    read again for its lines (an error's cost, not every run's).
+    """
+    per_scan = [read_lines([extent]) for extent, _ in scans]
+    eids = list(chain.from_iterable(per_scan))
     result = IdCheck(ErrorLog(keep))
     if len(set(eids)) == len(eids):
         return result
-    repeats = list(later_occurrences(eids, list(map(int, flat[1::2]))))
+    tally: dict[str, int] = {}
+    count_into(tally, eids)
+    repeated_text = {eid for eid, n in tally.items() if n > 1}
+    repeated = {eid.encode("ascii") for eid in repeated_text}
+    ids: list[bytes] = []
+    lines: list[int] = []
+    for (_, part), spilled in zip(scans, per_scan, strict=True):
+        if repeated_text.isdisjoint(spilled):
+            continue
+        for columns, numbers in experiment_columns(plan, part, block, ErrorLog(0)):
+            hits = list(map(repeated.__contains__, columns[0]))
+            ids += compress(columns[0], hits)
+            lines += compress(numbers, hits)
+    repeats = list(later_occurrences([int(eid) for eid in ids], lines))
     result.rejected = [line for _, line, _ in repeats]
     result.keep(
         field_error(

@@ -10,7 +10,7 @@ knows the number of its first line from the plan.
 What is spilled, each row under the canonical text of its key:
 - users, by user id: pickled (user ids, names, line numbers) column batches;
 - experiments, by user id: lines ``user_id,compound_ids,run_time,line``;
-- experiments, by experiment id: lines ``experiment_id,line``.
+- experiments, by experiment id: lines ``experiment_id``.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ class ScanResult:
     error_total: int = 0
     fatal: bool = False  # a file-level error stopped the scan
     spills: dict[str, SpillIndex] = field(default_factory=dict)  # kind of spill -> its index
+    part: ByteRange | None = None  # the range an experiments scan read
 
 
 def _stripped(
@@ -248,44 +249,53 @@ def scan_experiments(
     stop: Stop | None = None,
     keep: int = MAX_REPORTED_ERRORS,
 ) -> ScanResult:
-    """Check a range of the experiments; spill each valid row by user and by experiment id."""
+    """Check a range of the experiments; spill each valid row by user and by experiment id.
+
+    The id spill holds the ids alone: the lines of a repeated id, which only an error
+    needs, are found again in the ranges that hold it (``check_experiment_ids``).
+    """
     log = ErrorLog(keep)
-    result = ScanResult()
-    fast = fastpath.eligible(plan)
+    result = ScanResult(part=part)
     with (
         LineSpill(spill_dir, f"{prefix}-u", partitions) as by_user,
         LineSpill(spill_dir, f"{prefix}-e", partitions) as by_id,
     ):
-        for item in _raw_or_batches(plan, part, block, fast):
-            if stop is not None:
-                stop()
-            if isinstance(item, Batch):
-                batch = item
-                columns = fastpath.experiment_rows(batch, plan)
-                numbers: Sequence[int] = batch.lines
-            else:
-                data, line_no = item
-                columns = fastpath.experiment_block(data)
-                if columns is None:
-                    batch = block_batch(plan, data, line_no)
-                    columns = fastpath.experiment_rows(batch, plan)
-                    numbers = batch.lines
-                else:
-                    numbers = range(line_no, line_no + len(columns[0]))
-            if columns is None:
-                columns, lines = _experiments_slowly(plan, batch, log)
-            else:
-                lines = _line_texts(numbers)
-            eids, uids, comps, times = columns
+        for (eids, uids, comps, times), numbers in experiment_columns(plan, part, block, log, stop):
+            lines = _line_texts(numbers)
             user_rows = list(map(b",".join, zip(uids, comps, times, lines, strict=True)))
             by_user.write_lines(partitions_of(uids, partitions), user_rows)
-            by_id.write_lines(
-                partitions_of(eids, partitions), list(map(b",".join, zip(eids, lines, strict=True)))
-            )
+            by_id.write_lines(partitions_of(eids, partitions), eids)
             result.rows += len(eids)
     result.errors, result.error_total = log.errors, log.total
     result.spills = {"by_user": by_user.index, "by_id": by_id.index}
     return result
+
+
+def experiment_columns(
+    plan: FilePlan, part: ByteRange, block: int, log: ErrorLog, stop: Stop | None = None
+) -> Iterator[tuple[fastpath.Columns, Sequence[int]]]:
+    """The valid rows of each block of a range as canonical tokens, with their lines;
+    bad rows go to ``log``."""
+    fast = fastpath.eligible(plan)
+    for item in _raw_or_batches(plan, part, block, fast):
+        if stop is not None:
+            stop()
+        if isinstance(item, Batch):
+            batch = item
+            columns = fastpath.experiment_rows(batch, plan)
+            numbers: Sequence[int] = batch.lines
+        else:
+            data, line_no = item
+            columns = fastpath.experiment_block(data)
+            if columns is None:
+                batch = block_batch(plan, data, line_no)
+                columns = fastpath.experiment_rows(batch, plan)
+                numbers = batch.lines
+            else:
+                numbers = range(line_no, line_no + len(columns[0]))
+        if columns is None:
+            columns, numbers = _experiments_slowly(plan, batch, log)
+        yield columns, numbers
 
 
 def _line_texts(lines: Sequence[int]) -> list[bytes]:
@@ -319,7 +329,7 @@ def consecutive_text(start: int, stop: int) -> str:
 
 def _experiments_slowly(
     plan: FilePlan, batch: Batch, log: ErrorLog
-) -> tuple[fastpath.Columns, list[bytes]]:
+) -> tuple[fastpath.Columns, list[int]]:
     """The rows of a batch one by one, as canonical tokens; bad rows go to ``log``."""
     c = plan.columns
     eids: list[bytes] = []
@@ -346,4 +356,4 @@ def _experiments_slowly(
         comps.append(";".join(map(str, compounds)).encode("ascii"))
         times.append(repr(run_time).encode("ascii"))
         kept.append(line)
-    return (eids, uids, comps, times), _line_texts(kept)
+    return (eids, uids, comps, times), kept
