@@ -163,9 +163,9 @@ def test_experiment_block_gives_the_general_readers_rows_or_none(
         assert list(map(float, fast_times)) == list(map(float, times))
     if fast is not None:
         # The scan numbers the fast path's rows from the block's first line on.
-        assert scan._line_texts(range(FIRST_LINE, FIRST_LINE + len(fast[0]))) == lines
+        assert list(range(FIRST_LINE, FIRST_LINE + len(fast[0]))) == lines
     if by_columns is not None:
-        assert scan._line_texts(batch.lines) == lines
+        assert list(batch.lines) == lines
 
 
 @settings(max_examples=100, deadline=None)
@@ -353,3 +353,14 @@ def test_quoted_users_fast_path_spills_what_the_reader_reads(
     assert slow.error_total == 0, slow.errors
     assert fast.rows == slow.rows
     assert spilled(fast) == spilled(slow)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 3_000_000), st.integers(0, 5000))
+@example(999, 2002)  # whole thousands between partial ones
+@example(1, 999)
+def test_a_blocks_line_numbers_are_the_texts_of_its_lines(start: int, count: int) -> None:
+    """The scan spills line numbers made a thousand at a time (``consecutive_text``)."""
+    expected = [b"%d" % n for n in range(start, start + count)]
+    assert scan._line_texts(range(start, start + count)) == expected
+    assert scan._line_texts(list(range(start, start + count))) == expected
