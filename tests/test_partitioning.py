@@ -146,7 +146,8 @@ async def test_a_hot_users_partition_is_aggregated_in_slices_with_the_same_resul
     forced = dataclasses.replace(settings, partitions=8, workers=1, chunk_bytes=4096)
     run = await run_once(forced, directory)
     assert run["status"] == "succeeded", run
-    assert sorted(sliced)[-2:] == [1, 2]  # only the robot's partition is cut
+    *others, robot = sorted(sliced)
+    assert set(others) == {1} and robot >= 2  # only the robot's partition is cut
     assert await loaded(forced) == obvious(normalised(directory, tmp_path / "plain"))
 
 

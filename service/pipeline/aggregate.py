@@ -163,24 +163,27 @@ class _Groups:
     """A partition's experiment lines, sorted and grouped by user, with bad rows out."""
 
     def __init__(self, job: PartitionJob, names: Mapping[int, str], checked: Checked) -> None:
-        lines = read_lines(job.experiments)
-        if job.rejected:
-            lines = [ln for ln in lines if int(ln.rpartition(",")[2]) not in job.rejected]
         known = _known_compounds(job.compounds_file)
         self.rejected = 0
+        left_out = job.rejected
         while True:
-            self._group(lines)
+            self._group(_lines(job, left_out))
             bad = self._bad_rows(job.experiments_plan, names, known)
             if not bad:
                 return
             # Rare: leave the bad rows out and group again.
             checked.keep(bad.values())
             self.rejected += len(bad)
-            lines = [ln for ln in lines if int(ln.rpartition(",")[2]) not in bad]
+            left_out = left_out | frozenset(bad)
 
     def _group(self, lines: list[str]) -> None:
+        """Group the lines, emptying the list: a partition's lines are not kept beside
+        their fields (a hot user's slice of 140k lines: ~12 MB less at the peak)."""
         lines.sort()
-        flat = ",".join(lines).split(",") if lines else []
+        text = ",".join(lines)
+        lines.clear()
+        flat = text.split(",") if text else []
+        del text
         self.lists, self.times, self.lines = flat[1::4], flat[2::4], flat[3::4]
         self.keys: list[str] = []
         self.ns: list[int] = []
@@ -225,6 +228,14 @@ class _Groups:
         """Each user's run times, as floats."""
         floats = list(map(float, self.times))
         return map(floats.__getitem__, self.spans)
+
+
+def _lines(job: PartitionJob, left_out: frozenset[int]) -> list[str]:
+    """The partition's spilled experiment lines but those on the lines ``left_out``."""
+    lines = read_lines(job.experiments)
+    if left_out:
+        return [ln for ln in lines if int(ln.rpartition(",")[2]) not in left_out]
+    return lines
 
 
 def _users(job: PartitionJob, checked: Checked | None) -> dict[int, str]:
