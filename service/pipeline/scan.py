@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from . import fastpath
 from .csvfile import (
@@ -36,6 +37,7 @@ from .fields import FieldError, parse_compound_list, parse_id, parse_run_time
 from .spill import ColumnSpill, LineSpill, SpillIndex, canonical_keys, partitions_of
 
 Stop = Callable[[], None]  # raises when the run is cancelled
+Taken = TypeVar("Taken", tuple[list[int], list[str]], fastpath.Columns)  # a block's columns
 
 
 @dataclass(frozen=True)
@@ -147,27 +149,13 @@ def scan_users(
             return fast
     log = ErrorLog(keep)
     result = ScanResult()
+
+    def by_block(data: bytes, line_no: int) -> tuple[list[int], list[str]] | None:
+        return fastpath.user_block(block_lines(data, plan.name, line_no), plan)
+
+    rows = _tiers(plan, part, block, True, stop, log, by_block, fastpath.user_rows, _users_slowly)
     with ColumnSpill(spill_dir, prefix, partitions) as spill:
-        for item in _raw_or_batches(plan, part, block, fast=True):
-            if stop is not None:
-                stop()
-            if isinstance(item, Batch):
-                batch = item
-                taken = fastpath.user_rows(batch, plan)
-                lines: Sequence[int] = batch.lines
-            else:
-                data, line_no = item
-                taken = fastpath.user_block(block_lines(data, plan.name, line_no), plan)
-                if taken is None:
-                    batch = block_batch(plan, data, line_no)
-                    taken = fastpath.user_rows(batch, plan)
-                    lines = batch.lines
-                else:
-                    lines = range(line_no, line_no + len(taken[0]))
-            if taken is None:
-                uids, names, lines = _users_slowly(plan, batch, log)
-            else:
-                uids, names = taken
+        for (uids, names), lines in rows:
             spill.write(partitions_of(canonical_keys(uids), partitions), uids, names, lines)
             result.rows += len(uids)
     result.errors, result.error_total = log.errors, log.total
@@ -221,7 +209,7 @@ def quoted_users(
 
 def _users_slowly(
     plan: FilePlan, batch: Batch, log: ErrorLog
-) -> tuple[list[int], list[str], list[int]]:
+) -> tuple[tuple[list[int], list[str]], list[int]]:
     """The rows of a batch one by one: user ids, names, lines; bad rows go to ``log``."""
     col_id, col_name = plan.columns["user_id"], plan.columns["name"]
     uids: list[int] = []
@@ -236,7 +224,7 @@ def _users_slowly(
             continue
         names.append(row[col_name])
         kept.append(line)
-    return uids, names, kept
+    return (uids, names), kept
 
 
 def scan_experiments(
@@ -276,26 +264,43 @@ def experiment_columns(
 ) -> Iterator[tuple[fastpath.Columns, Sequence[int]]]:
     """The valid rows of each block of a range as canonical tokens, with their lines;
     bad rows go to ``log``."""
+
+    def by_block(data: bytes, _line_no: int) -> fastpath.Columns | None:
+        return fastpath.experiment_block(data)
+
     fast = fastpath.eligible(plan)
+    by_rows = fastpath.experiment_rows
+    return _tiers(plan, part, block, fast, stop, log, by_block, by_rows, _experiments_slowly)
+
+
+def _tiers(
+    plan: FilePlan,
+    part: ByteRange,
+    block: int,
+    fast: bool,
+    stop: Stop | None,
+    log: ErrorLog,
+    by_block: Callable[[bytes, int], Taken | None],
+    by_rows: Callable[[Batch, FilePlan], Taken | None],
+    slowly: Callable[[FilePlan, Batch, ErrorLog], tuple[Taken, Sequence[int]]],
+) -> Iterator[tuple[Taken, Sequence[int]]]:
+    """Each block's valid rows, with their lines, from the cheapest tier that takes it:
+    the fast path on the raw block, the same checks on the rows the reader parsed, or
+    row by row (``slowly``, which also says what is wrong with the others)."""
     for item in _raw_or_batches(plan, part, block, fast):
         if stop is not None:
             stop()
         if isinstance(item, Batch):
             batch = item
-            columns = fastpath.experiment_rows(batch, plan)
-            numbers: Sequence[int] = batch.lines
         else:
             data, line_no = item
-            columns = fastpath.experiment_block(data)
-            if columns is None:
-                batch = block_batch(plan, data, line_no)
-                columns = fastpath.experiment_rows(batch, plan)
-                numbers = batch.lines
-            else:
-                numbers = range(line_no, line_no + len(columns[0]))
-        if columns is None:
-            columns, numbers = _experiments_slowly(plan, batch, log)
-        yield columns, numbers
+            taken = by_block(data, line_no)
+            if taken is not None:
+                yield taken, range(line_no, line_no + len(taken[0]))
+                continue
+            batch = block_batch(plan, data, line_no)
+        taken = by_rows(batch, plan)
+        yield (taken, batch.lines) if taken is not None else slowly(plan, batch, log)
 
 
 def _line_texts(lines: Sequence[int]) -> list[bytes]:
