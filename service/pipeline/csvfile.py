@@ -798,7 +798,7 @@ def split_ranges(plan: FilePlan, target: int, workers: int = 0) -> list[ByteRang
     With ``workers``, the ranges shrink towards the end of the file (guided
     self-scheduling): a range is at most the rest of the data over twice the workers,
     so that the last tasks are small and no worker scans alone for long at the end of
-    the phase (10M dense: the last of 19 ranges of 16 MB ran alone for ~0.6 s).
+    the phase (10M dense: the last of 17 ranges of ~16 MB ran alone for ~0.6 s).
 
     A file that cannot be split (quotes, bare CRs) is one range.
     """
