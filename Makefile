@@ -4,16 +4,23 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup run test test-all lint bench serve clean
+.PHONY: setup bytecode run test test-all lint bench serve clean
 
 setup: $(BIN)/experiment-etl
 
 $(BIN)/experiment-etl: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(MAKE) --no-print-directory bytecode
 	@touch $@
 
-run: setup
+# pip compiles what it installs, but an editable install leaves service/ as source: where
+# PYTHONDONTWRITEBYTECODE is set (as in many CI and container environments), every process
+# then compiles the package again (~45 ms of the CLI's start-up, ~30 ms of each worker's).
+bytecode:
+	$(BIN)/python -m compileall -q service
+
+run: setup bytecode
 	$(BIN)/experiment-etl run data
 	$(BIN)/experiment-etl show
 
