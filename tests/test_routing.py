@@ -129,7 +129,7 @@ def test_users_and_their_experiments_meet_in_one_partition(tmp_path: Path) -> No
         users_index = results["users"].spills["users"]
         here = [u for batch in read_columns(etl._extents([users_index], p)) for u in batch[0]]
         spilled = read_lines(etl._extents([results["experiments"].spills["by_user"]], p))
-        assert {int(line.split(",")[0]) for line in spilled} <= set(here), p
+        assert {int(line.split(b",")[0]) for line in spilled} <= set(here), p
         placed += here
         seen += len(spilled)
     assert sorted(placed) == sorted(uids)  # each user in one partition
@@ -171,7 +171,7 @@ def assert_read_back(
             for row in zip(ns, ts, strict=True)
         ]
         assert back == mine, p
-        assert read_lines(etl._extents(lines, p)) == [f"{n},{p}" for n, _ in mine], p
+        assert read_lines(etl._extents(lines, p)) == [b"%d,%d" % (n, p) for n, _ in mine], p
 
 
 def assert_flushed_at(

@@ -75,10 +75,12 @@ def average_run_time(run_times: Iterable[float], count: int) -> float | None:
 _SCALE = 2.0**-64
 
 
-def top_compound(counts: Mapping[int, int] | Mapping[str, int]) -> tuple[int, int, int] | None:
+def top_compound(
+    counts: Mapping[int, int] | Mapping[bytes, int],
+) -> tuple[int, int, int] | None:
     """(compound_id, experiments, tie_count): most experiments, ties to the lowest id.
 
-    Keys are compound ids, as ints or as their canonical text (phase 2 counts text).
+    Keys are compound ids, as ints or as their canonical ASCII text (phase 2 counts text).
     """
     if not counts:
         return None

