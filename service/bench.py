@@ -5,6 +5,9 @@ goes through
 the service itself (the aiohttp app's runner, on the app's event loop) while a thread
 polls ``/healthz``, a coroutine measures event-loop lag, and another thread samples the
 resident memory of this process and all its children (PostgreSQL excluded).
+
+Before each run a fixed piece of work of the pipeline's kind (``host_reference``) is
+timed, so that figures taken on a shared host whose speed drifts can be read against it.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import shutil
 import statistics
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -58,6 +62,7 @@ SIZES = {
     )
 }
 QUICK = ("100k",)
+REFERENCE_LINES = 100_000  # the host reference's work: ~35 ms on a quiet host
 SAMPLE_INTERVAL = 0.05
 TREE_REFRESH = 1.0  # seconds between listings of the process tree
 
@@ -175,6 +180,29 @@ async def loop_lag(lags: list[float], interval: float = 0.01) -> None:
         lags.append(time.perf_counter() - started - interval)
 
 
+def host_reference(rounds: int = 3) -> float:
+    """Seconds (the best of ``rounds``) that fixed work of the pipeline's kind takes now.
+
+    Phase 2's kind of work on fixed data: sort byte lines, join and split them into
+    fields, count one column, parse another as floats. It is not the pipeline's code,
+    which changes as it is tuned: the same figure on two hosts, or at two moments,
+    means the same speed for work like this. Shared hosts drift by tens of percent
+    within minutes (benchmarks/README), so a run's figures are read against it.
+    """
+    lines = [
+        b"%d,%d;%d,%d.%02d" % (i * 7919 % 100_003, i % 997, i % 89, i % 600, i % 100)
+        for i in range(REFERENCE_LINES)
+    ]
+    best = math.inf
+    for _ in range(rounds):
+        started = time.perf_counter()
+        fields = b",".join(sorted(lines)).split(b",")
+        Counter(fields[1::3])
+        math.fsum(map(float, fields[2::3]))
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
 @dataclass
 class Result:
     shape: Shape
@@ -185,6 +213,7 @@ class Result:
     healthz_failures: int
     lags: list[float]
     totals: list[float] = field(default_factory=list)  # of every run, when repeated
+    reference: float = math.nan  # host_reference() just before the run, in seconds
 
     @property
     def total(self) -> float:
@@ -208,6 +237,7 @@ class Result:
             _ms(self.lags, 0.99),
             _ms(self.lags, 1.0),
             f"{len(runs)}" if len(runs) == 1 else f"{len(runs)}: {runs[0]:.2f}-{runs[-1]:.2f}",
+            f"{self.reference * 1000:.1f}",
         ]
 
 
@@ -225,6 +255,7 @@ HEADER = [
     "loop lag p99 ms",
     "loop lag max ms",
     "runs (total s)",
+    "host ref ms",
 ]
 
 
@@ -259,6 +290,7 @@ def median_run(runs: list[Result]) -> Result:
 
 async def measure(settings: Settings, shape: Shape, size: Size, directory: Path) -> Result:
     """One run of ``directory`` through the app's runner, with /healthz polled meanwhile."""
+    reference = host_reference()
     app = create_app(dataclasses.replace(settings, data_dir=directory.parent))
     app_runner = web.AppRunner(app, handle_signals=False)
     await app_runner.setup()
@@ -280,7 +312,9 @@ async def measure(settings: Settings, shape: Shape, size: Size, directory: Path)
     if run["status"] != "succeeded":
         raise RuntimeError(f"benchmark run {run['status']}: {run.get('message')}")
     stats = finished[0].to_json() if finished else run["stats"]
-    return Result(shape, size, stats, memory.peak, probe.latencies, probe.failures, lags)
+    return Result(
+        shape, size, stats, memory.peak, probe.latencies, probe.failures, lags, reference=reference
+    )
 
 
 def _capture_stats(runner: Runner) -> list[RunStats]:

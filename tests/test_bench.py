@@ -10,7 +10,7 @@ from pathlib import Path
 import psutil  # type: ignore[import-untyped]
 from click.testing import CliRunner
 
-from service.bench import MemorySampler, Size, run_bench, table
+from service.bench import MemorySampler, Size, host_reference, run_bench, table
 from service.cli import main
 from service.generate import SHAPES
 from service.settings import Settings
@@ -58,11 +58,10 @@ def test_bench_runs_every_shape_and_reuses_its_cached_datasets(
     (again,) = run_bench(settings, [TINY], cache, ("hot",), repeat=3)
     assert {p: p.stat().st_mtime_ns for p in cache.rglob("*.csv")} == written
     assert len(again.totals) == 3 and again.total == sorted(again.totals)[1]
-    assert (
-        table([again])
-        .splitlines()[2]
-        .endswith(f"3: {min(again.totals):.2f}-{max(again.totals):.2f}")
-    )
+    cells = [c.strip() for c in table([again]).splitlines()[2].split("|")]
+    assert cells[-2] == f"3: {min(again.totals):.2f}-{max(again.totals):.2f}"
+    # The host reference taken before the median run, in ms: real work, so above zero.
+    assert 0 < again.reference < 10 and cells[-1] == f"{again.reference * 1000:.1f}"
 
 
 def test_bench_refuses_unknown_shapes_and_sizes() -> None:
@@ -73,3 +72,14 @@ def test_bench_refuses_unknown_shapes_and_sizes() -> None:
     ):
         result = CliRunner().invoke(main, ["bench", *args])
         assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_host_reference_times_its_work() -> None:
+    """Twice the rounds of the same work take longer in all than one round's best."""
+    started = time.perf_counter()
+    one = host_reference(rounds=1)
+    took = time.perf_counter() - started
+    assert 0 < one <= took
+    started = time.perf_counter()
+    best = host_reference(rounds=2)
+    assert 2 * best <= time.perf_counter() - started
