@@ -24,29 +24,32 @@ from functools import partial
 from itertools import accumulate
 from operator import sub
 from pathlib import Path
-from typing import Any, Literal, ParamSpec, TypeVar
+from typing import Any, Literal, ParamSpec, TypeVar, cast
 
 from .archive import ArchiveLimits
 from .db.database import Connection, Pool
 from .db.load import StagedLoad
 from .inputs import Inputs, materialize, plan_named
 from .pipeline.aggregate import (
+    CompoundSplit,
     PartitionJob,
     PartitionResult,
     SliceResult,
     aggregate_partition,
     aggregate_slice,
+    check_compounds,
     check_experiment_ids,
     fold_slice,
+    join_tops,
     merge_slices,
 )
 from .pipeline.csvfile import ByteRange, FilePlan, scan_plan, split_ranges
 from .pipeline.errors import MAX_REPORTED_ERRORS, ErrorLog, InputError, RowError
 from .pipeline.features import global_average
 from .pipeline.plan import InputPlan
-from .pipeline.scan import ScanResult, scan_experiments, scan_users
+from .pipeline.scan import ScanResult, scan_compounds, scan_experiments, scan_users
 from .pipeline.spill import Extent, SpillIndex
-from .pipeline.tasks import Guarded, StopFile, compounds_task, run_task
+from .pipeline.tasks import Guarded, StopFile, run_task
 from .scratch import ScratchDir
 from .settings import Settings
 from .workers import result_of
@@ -55,11 +58,17 @@ log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 T = TypeVar("T")
+A = TypeVar("A")
+B = TypeVar("B")
 
 PARTITION_BYTES = 2 << 20  # experiments per partition, in input bytes: ~30 MB per worker
 RANGE_BYTES = 16 << 20  # bytes of a file per scan task, at most
 PLAN_BLOCK = 1 << 20  # the plan notes a possible cut point per block
 MIN_SLICE_BYTES = 1 << 20  # slices are never smaller than this
+# A compounds.csv up to this size is broadcast: each worker holds it whole (~10x its size
+# in memory); a larger one is partitioned by compound id (2M compounds, 73 MB, held whole:
+# 755 MB in each worker).
+BROADCAST_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -126,10 +135,25 @@ class Scanned:
     users: list[SpillIndex]  # users by user partition
     experiments: list[SpillIndex]  # experiment rows by user partition
     experiment_ids: list[tuple[SpillIndex, ByteRange]]  # ids by id partition, and the range
+    compounds: list[SpillIndex]  # compound rows by compound partition
+    compound_refs: list[SpillIndex]  # a partitioned catalogue: referenced ids, by partition
     partitions: int
+    compound_partitions: int
     experiment_rows: int  # experiments whose fields are valid
-    compounds: int
-    compounds_file: Path
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    """The checked compounds: each partition's details file, and what is missing."""
+
+    count: int  # compounds kept
+    details: list[Path]  # by compound partition; one: broadcast to every task
+    unknown: frozenset[bytes]  # referenced ids no partition holds (a partitioned one)
+
+    def split(self, tops: Path) -> CompoundSplit | None:
+        if len(self.details) == 1:
+            return None
+        return CompoundSplit(len(self.details), self.unknown, tops)
 
 
 @dataclass
@@ -218,10 +242,16 @@ class Pipeline:
         partitions = self.settings.partitions or _round_up(
             math.ceil(plan.experiments.size / PARTITION_BYTES), self.settings.workers
         )
+        compound_partitions = self.settings.compound_partitions or _compound_partitions(
+            plan, self.settings.workers
+        )
         mark = time.perf_counter()
-        scanned = await self._scan(plan, plan_block, workdir, partitions)
+        scanned = await self._scan(plan, plan_block, workdir, partitions, compound_partitions)
         plan = scanned.plan
-        rejected = await self._check_experiment_ids(plan, scanned)
+        rejected, catalogue = await _both(
+            self._check_experiment_ids(plan, scanned), self._check_compounds(plan, scanned, workdir)
+        )
+        await self._check_errors()
         self.phases["read"] = round(time.perf_counter() - mark, 3)
 
         mark = time.perf_counter()
@@ -232,18 +262,25 @@ class Pipeline:
         while True:
             try:
                 async with StagedLoad(self.pool, self.settings.db_timeout) as load:
-                    done = await self._aggregate(load, plan, scanned, total, rejected, first)
+                    done = await self._aggregate(
+                        load, plan, scanned, catalogue, total, rejected, first
+                    )
                     await self._check_errors(complete=True)
                     if first and done.rejected and opts.on_error == "skip":
                         raise _Again(done.rejected)
-                    return await self._commit(load, done, scanned, started, mark, finalize)
+                    return await self._commit(load, done, catalogue.count, started, mark, finalize)
             except _Again as again:
                 total -= again.rejected  # the same rows are rejected again: not counted twice
                 first = False
                 self.progress.partitions_done = 0
 
     async def _scan(
-        self, plan: InputPlan, plan_block: int, workdir: Path, partitions: int
+        self,
+        plan: InputPlan,
+        plan_block: int,
+        workdir: Path,
+        partitions: int,
+        compound_partitions: int,
     ) -> Scanned:
         """Phase 1: every byte range of every file at once; none needs another's rows.
 
@@ -251,20 +288,11 @@ class Pipeline:
         experiments' data for its cut points (the one pass over the largest file that
         no worker can share: 10M sparse, ~0.65 s with the workers idle before).
         """
-        compounds_file = workdir / "compounds.pkl"
-        compounds = self._counted(
-            "compounds",
-            plan.compounds.size,
-            self._call(
-                Guarded(compounds_task),
-                plan.compounds,
-                compounds_file,
-                self.settings.chunk_bytes,
-                self.options.errors_kept,
-            ),
+        compounds = self._ranges(
+            "compounds", plan.compounds, scan_compounds, workdir, compound_partitions
         )
         users = self._ranges("users", plan.users, scan_users, workdir, partitions)
-        early = [asyncio.ensure_future(c) for c in (compounds, *users)]
+        early = [asyncio.ensure_future(c) for c in (*compounds, *users)]
         try:
             experiments = await asyncio.to_thread(scan_plan, plan.experiments, plan_block)
         except BaseException:
@@ -273,7 +301,8 @@ class Pipeline:
             await asyncio.gather(*early, return_exceptions=True)
             raise
         plan = dataclasses.replace(plan, experiments=experiments)
-        late = self._ranges("experiments", experiments, scan_experiments, workdir, partitions)
+        scan = partial(scan_experiments, compound_partitions=compound_partitions)
+        late = self._ranges("experiments", experiments, scan, workdir, partitions)
         results = await _gather(*early, *late)
         await self._check_errors()
         by_kind: dict[str, list[SpillIndex]] = defaultdict(list)
@@ -287,10 +316,11 @@ class Pipeline:
             experiment_ids=[
                 (r.spills["by_id"], r.part) for r in results if r.part and "by_id" in r.spills
             ],
+            compounds=by_kind["compounds"],
+            compound_refs=by_kind["compound_refs"],
             partitions=partitions,
+            compound_partitions=compound_partitions,
             experiment_rows=self.progress.rows_read["experiments"],
-            compounds=self.progress.rows_read["compounds"],
-            compounds_file=compounds_file,
         )
 
     def _ranges(
@@ -355,14 +385,37 @@ class Pipeline:
         for check in await _gather(*checks):
             self.errors.extend(check.log.errors, check.log.total)
             rejected.update(check.rejected)
-        await self._check_errors()
         return frozenset(rejected)
+
+    async def _check_compounds(self, plan: InputPlan, scanned: Scanned, workdir: Path) -> Catalogue:
+        """Duplicate compound ids and each partition's details; with a partitioned
+        catalogue, the referenced ids it does not hold."""
+        details = [workdir / f"compounds-{c:04d}.pkl" for c in range(scanned.compound_partitions)]
+        checks = [
+            self._call(
+                check_compounds,
+                _extents(scanned.compounds, c),
+                _extents(scanned.compound_refs, c),
+                plan.compounds,
+                path,
+                self.options.errors_kept,
+            )
+            for c, path in enumerate(details)
+        ]
+        kept = 0
+        unknown: set[bytes] = set()
+        for check in await _gather(*checks):
+            self.errors.extend(check.log.errors, check.log.total)
+            kept += check.kept
+            unknown.update(check.unknown)
+        return Catalogue(kept, details, frozenset(unknown))
 
     async def _aggregate(
         self,
         load: StagedLoad,
         plan: InputPlan,
         scanned: Scanned,
+        catalogue: Catalogue,
         total: int,
         rejected: frozenset[int],
         first_pass: bool,
@@ -377,19 +430,22 @@ class Pipeline:
         # no more than the others (10M hot: peak RSS ~256 -> ~231 MB with the lines
         # freed early, against twice the average).
         slice_bytes = max(MIN_SLICE_BYTES, sum(sizes) // partitions)
+        tops_dir = catalogue.details[0].parent
         jobs = (
             PartitionJob(
                 _extents(scanned.users, p),
                 _extents(scanned.experiments, p),
                 total,
-                scanned.compounds_file,
+                catalogue.details[0] if len(catalogue.details) == 1 else None,
                 plan.users,
                 plan.experiments,
                 rejected,
                 self.options.errors_kept,
+                catalogue.split(tops_dir / f"tops{p:04d}"),
             )
             for p in range(partitions)
         )
+        tops: list[SpillIndex] = []
         done = Aggregated()
         loading = True  # an error in abort mode fails the run: then only check
 
@@ -440,6 +496,8 @@ class Pipeline:
                     done.users += result.users
                     done.experiments += result.experiments
                     done.rejected += result.rejected
+                    if result.tops is not None:
+                        tops.append(result.tops)
                     self.progress.partitions_done += 1
                     loading = loading and not (
                         result.log.total and self.options.on_error == "abort"
@@ -452,13 +510,26 @@ class Pipeline:
         finally:
             for task in running:
                 task.cancel()
+        if loading and tops:
+            await self._name_tops(load, catalogue, tops)
         return done
+
+    async def _name_tops(
+        self, load: StagedLoad, catalogue: Catalogue, tops: list[SpillIndex]
+    ) -> None:
+        """A partitioned catalogue: the top-compound rows named per compound partition."""
+        named = [
+            self._call(join_tops, path, _extents(tops, c))
+            for c, path in enumerate(catalogue.details)
+        ]
+        for columns in await _gather(*named):
+            await load.put("top_compounds", columns)
 
     async def _commit(
         self,
         load: StagedLoad,
         done: Aggregated,
-        scanned: Scanned,
+        compounds: int,
         started: float,
         mark: float,
         finalize: Finalize,
@@ -467,7 +538,7 @@ class Pipeline:
         self.phases["aggregate_load"] = round(time.perf_counter() - mark, 3)
         stats = RunStats(
             users=done.users,
-            compounds=scanned.compounds,
+            compounds=compounds,
             experiments=done.experiments,
             global_average=global_average(done.experiments, done.users),
             rows_loaded=loaded,
@@ -526,6 +597,12 @@ async def _gather(*calls: Awaitable[T]) -> list[T]:
         raise
 
 
+async def _both(first: Awaitable[A], second: Awaitable[B]) -> tuple[A, B]:
+    """``_gather`` of two calls of different types."""
+    a, b = await _gather(first, second)
+    return cast(A, a), cast(B, b)
+
+
 def _extents(indexes: list[SpillIndex], partition: int) -> list[Extent]:
     """A partition's rows in every scan's spill file, in the scans' (file) order."""
     return [e for index in indexes if (e := index.extent(partition)) is not None]
@@ -578,6 +655,15 @@ def _slices(extents: Sequence[Extent], size: int) -> list[list[Extent]]:
         last = runs.pop()
         runs[-1] += last
     return runs or [[]]
+
+
+def _compound_partitions(plan: InputPlan, workers: int) -> int:
+    """One (broadcast) for a small catalogue; else partitions of about a user partition,
+    for the compounds and for the top rows named in them (one per user)."""
+    if plan.compounds.size <= BROADCAST_BYTES:
+        return 1
+    biggest = max(plan.compounds.size, plan.users.size)
+    return _round_up(math.ceil(biggest / PARTITION_BYTES), workers)
 
 
 def _round_up(count: int, workers: int) -> int:

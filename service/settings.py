@@ -56,6 +56,7 @@ class Settings:
     dask_scheduler: str | None = None
     # Tuning knobs for tests and benchmarks: None means "chosen from the input size".
     partitions: int | None = None
+    compound_partitions: int | None = None  # 1: the catalogue is broadcast to every task
     chunk_bytes: int = 8 * 1024 * 1024
     upload_timeout: float = 300.0
     lock_timeout: float = 5.0

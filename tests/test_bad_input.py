@@ -12,6 +12,7 @@ line n + 1.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -303,6 +304,27 @@ async def test_bad_input_fails_with_its_place_and_keeps_old_results(
     where = ":".join(str(p) for p in (error["file"], error["line"], error["column"]) if p)
     assert run["message"].startswith(f"1 input error(s): {where}")
     assert error["message"] in run["message"]
+    await assert_failed_and_intact(baseline, run)
+
+
+COMPOUND_FAILURES = [(i, e, x) for i, e, x in FAILURES if "compound" in i]
+
+
+@pytest.mark.parametrize(
+    ("edit", "error"),
+    [(e, x) for _, e, x in COMPOUND_FAILURES],
+    ids=[i for i, _, _ in COMPOUND_FAILURES],
+)
+async def test_partitioned_catalogue_reports_the_same_compound_errors(
+    baseline: Baseline, edit: Callable[[Path], None], error: dict[str, Any]
+) -> None:
+    """A catalogue too large to broadcast is checked per compound partition: the same
+    errors, at the same places."""
+    edit(baseline.data)
+    partitioned = dataclasses.replace(baseline.settings, compound_partitions=3, partitions=2)
+    run = await run_once(partitioned, baseline.data)
+    assert run["errors"] == [error]
+    assert run["error_total"] == 1
     await assert_failed_and_intact(baseline, run)
 
 
@@ -637,12 +659,14 @@ SKIPPED: dict[str, Skipped] = {
 }
 
 
+@pytest.mark.parametrize("compound_partitions", [None, 3], ids=["broadcast", "partitioned"])
 @pytest.mark.parametrize("case", SKIPPED.values(), ids=SKIPPED)
 async def test_skip_mode_rejects_bad_rows_and_loads_the_rest(
-    baseline: Baseline, case: Skipped
+    baseline: Baseline, case: Skipped, compound_partitions: int | None
 ) -> None:
     case.edit(baseline.data)
-    run = await run_once(baseline.settings, baseline.data, SKIP)
+    settings = dataclasses.replace(baseline.settings, compound_partitions=compound_partitions)
+    run = await run_once(settings, baseline.data, SKIP)
     assert run["status"] == "succeeded", run
     assert [(e["file"], e["line"]) for e in run["errors"]] == case.errors
     assert run["error_total"] == run["stats"]["rows_rejected"] == len(case.errors)

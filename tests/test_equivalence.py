@@ -181,3 +181,17 @@ async def test_partitioned_parallel_pipeline_matches_obvious_implementation(
     monkeypatch.setattr(etl, "MIN_SLICE_BYTES", 1)
     forced = dataclasses.replace(settings, partitions=6, workers=2, chunk_bytes=256)
     await check_equivalent(forced, files)
+
+
+@fixture_ok
+@given(files=datasets())
+async def test_partitioned_catalogue_matches_obvious_implementation(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, files: dict[str, str]
+) -> None:
+    """The compounds in partitions (a large catalogue's path): the references checked and
+    the top compounds named per compound partition, over several ranges and workers."""
+    monkeypatch.setattr(etl, "RANGE_BYTES", 128)
+    forced = dataclasses.replace(
+        settings, partitions=4, compound_partitions=3, workers=2, chunk_bytes=256
+    )
+    await check_equivalent(forced, files)

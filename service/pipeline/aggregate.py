@@ -13,6 +13,13 @@ experiments side by side, so there is no Python step per experiment: columns com
 one split, each user's run times and compounds are slices, summed and counted in C, and
 only the top compound takes a Python step per user.
 
+The compounds are a dimension table. A catalogue of a few MB is broadcast: every task
+reads it whole, to check references and to name each user's top compound. A larger one
+is partitioned by compound id like everything else (an external hash join): a check per
+compound partition finds its duplicates and the referenced ids it lacks, phase 2 rejects
+the rows that name those, and the top-compound rows are spilled by compound partition
+and named there (``join_tops``).
+
 A partition larger than a task should be (one user with a third of all experiments
 makes one) is split into slices of its spilled bytes, each aggregated on its own into an exact
 partial state, then merged: no task holds more than a slice, whoever the user.
@@ -39,7 +46,15 @@ from .features import (
     top_compound,
 )
 from .scan import experiment_columns, field_error
-from .spill import Extent, read_columns, read_lines
+from .spill import (
+    ColumnSpill,
+    Extent,
+    SpillIndex,
+    canonical_keys,
+    partitions_of,
+    read_columns,
+    read_lines,
+)
 
 # Counter's own C counting loop, without Counter.__init__'s Python-level dispatch: one
 # small tally per user made that dispatch ~10% of phase 2. It is a private CPython helper
@@ -122,6 +137,64 @@ def check_experiment_ids(
     return result
 
 
+@dataclass
+class CompoundCheck(Checked):
+    """One compound partition: its compounds kept, and the ids referenced but missing."""
+
+    kept: int = 0
+    unknown: frozenset[bytes] = frozenset()
+
+
+def check_compounds(
+    compounds: Sequence[Extent],
+    referenced: Sequence[Extent],
+    plan: FilePlan,
+    details_file: Path,
+    keep: int = MAX_REPORTED_ERRORS,
+) -> CompoundCheck:
+    """Find repeated compound ids (the first row is kept), write the partition's details
+    for phase 2, and the ids the experiments reference that it does not hold."""
+    cids: list[int] = []
+    names: list[str] = []
+    structures: list[str] = []
+    lines: list[int] = []
+    for batch_ids, batch_names, batch_structures, batch_lines in read_columns(compounds):
+        cids += batch_ids
+        names += batch_names
+        structures += batch_structures
+        lines += batch_lines
+    result = CompoundCheck(ErrorLog(keep))
+    repeats = list(later_occurrences(cids, lines))
+    later = {line for _, line, _ in repeats}
+    result.keep(
+        field_error(
+            plan, line, "compound_id", f"duplicate compound_id {cid} (first on line {first})"
+        )
+        for cid, line, first in repeats
+    )
+    details = {
+        cid: (name, structure)
+        for cid, name, structure, line in zip(cids, names, structures, lines, strict=True)
+        if line not in later
+    }
+    write_compound_details(details_file, details)
+    result.kept = len(details)
+    if referenced:
+        wanted = set(read_lines(referenced))
+        result.unknown = frozenset(wanted.difference(canonical_keys(list(details))))
+    return result
+
+
+@dataclass(frozen=True)
+class CompoundSplit:
+    """A partitioned catalogue, as one partition's task sees it."""
+
+    partitions: int
+    unknown: frozenset[bytes]  # referenced compound ids that no partition holds
+    tops: Path  # where this task spills its top-compound rows, by compound partition
+    details: tuple[Path, ...] = ()  # each compound partition's details (``join_tops``)
+
+
 @dataclass(frozen=True)
 class PartitionJob:
     """One user partition (or a slice of its experiments) and what checking it needs."""
@@ -129,11 +202,12 @@ class PartitionJob:
     users: Sequence[Extent]
     experiments: Sequence[Extent]
     total_experiments: int  # valid experiments in the whole input: the share's divisor
-    compounds_file: Path
+    compounds_file: Path | None  # the whole catalogue's details, when it is broadcast
     users_plan: FilePlan
     experiments_plan: FilePlan
     rejected: frozenset[int] = frozenset()  # experiment lines already rejected
     keep: int = MAX_REPORTED_ERRORS  # errors kept (skip mode keeps every rejected row)
+    split: CompoundSplit | None = None  # a partitioned catalogue (compounds_file is None)
 
     def error_log(self) -> ErrorLog:
         """Users' errors before the experiments', as the run reports them."""
@@ -147,6 +221,7 @@ class PartitionResult(Checked):
     users: int = 0  # users kept
     experiments: int = 0  # experiments kept
     rejected: int = 0  # experiments rejected here (unknown user or compound)
+    tops: SpillIndex | None = None  # a partitioned catalogue: the top rows, unnamed
 
 
 @dataclass
@@ -162,7 +237,7 @@ class _Groups:
     """A partition's experiment lines, sorted and grouped by user, with bad rows out."""
 
     def __init__(self, job: PartitionJob, names: Mapping[int, str], checked: Checked) -> None:
-        known = _known_compounds(job.compounds_file)
+        known = _References(job)
         self.rejected = 0
         left_out = job.rejected
         while True:
@@ -204,7 +279,7 @@ class _Groups:
         return tally
 
     def _bad_rows(
-        self, plan: FilePlan, names: Mapping[int, str], known: frozenset[bytes]
+        self, plan: FilePlan, names: Mapping[int, str], known: _References
     ) -> dict[int, RowError]:
         bad: dict[int, RowError] = {}
         for uid, span in zip(self.uids, self.spans, strict=True):
@@ -212,12 +287,12 @@ class _Groups:
                 message = f"unknown user_id {uid} (not in users.csv)"
                 for line in map(int, self.lines[span]):
                     bad[line] = field_error(plan, line, "user_id", message)
-        if known.issuperset(chain.from_iterable(self.tallies)):
+        if known.hold(chain.from_iterable(self.tallies)):
             return bad
         for uid, span, tally in zip(self.uids, self.spans, self.tallies, strict=True):
-            if uid in names and not known.issuperset(tally):
+            if uid in names and not known.hold(tally):
                 for listed, line in zip(self.lists[span], map(int, self.lines[span]), strict=True):
-                    missing = next((c for c in listed.split(b";") if c and c not in known), None)
+                    missing = next((c for c in listed.split(b";") if c and known.lacks(c)), None)
                     if missing is not None:
                         message = f"unknown compound_id {missing.decode()} (not in compounds.csv)"
                         bad[line] = field_error(plan, line, "experiment_compound_ids", message)
@@ -227,6 +302,23 @@ class _Groups:
         """Each user's run times, as floats."""
         floats = list(map(float, self.times))
         return map(floats.__getitem__, self.spans)
+
+
+class _References:
+    """Which compound ids exist: the broadcast catalogue's, or all but those the
+    partitioned check found missing."""
+
+    def __init__(self, job: PartitionJob) -> None:
+        self.known = None if job.compounds_file is None else _known_compounds(job.compounds_file)
+        self.unknown = job.split.unknown if job.split is not None else frozenset()
+
+    def hold(self, ids: Iterable[bytes]) -> bool:
+        if self.known is not None:
+            return self.known.issuperset(ids)
+        return self.unknown.isdisjoint(ids)
+
+    def lacks(self, cid: bytes) -> bool:
+        return cid not in self.known if self.known is not None else cid in self.unknown
 
 
 def _lines(job: PartitionJob, left_out: frozenset[int]) -> list[bytes]:
@@ -367,14 +459,21 @@ def _rows(
     shares += repeat(average_experiments(0, total), len(idle))
     means = list(map(average_run_time, run_times, ns))
     means += repeat(average_run_time((), 0), len(idle))
-    details = compound_details(job.compounds_file)
-    tops: list[TopRow] = []
-    for uid, tally in zip(uids, tallies, strict=True):
-        top = top_compound(tally)
-        if top is not None:
-            cid, count, ties = top
-            name, structure = details[cid]
-            tops.append((uid, cid, name, structure, count, ties))
+    top_columns: tuple[list[Any], ...] = ()
+    if job.split is not None:  # named where their compounds' partitions are (join_tops)
+        found = zip(uids, map(top_compound, tallies), strict=True)
+        unnamed = [(uid, *top) for uid, top in found if top]
+        result.tops = _spill_tops(job.split, unnamed)
+    elif job.compounds_file is not None:
+        details = compound_details(job.compounds_file)
+        tops: list[TopRow] = []
+        for uid, tally in zip(uids, tallies, strict=True):
+            top = top_compound(tally)
+            if top is not None:
+                cid, count, ties = top
+                name, structure = details[cid]
+                tops.append((uid, cid, name, structure, count, ties))
+        top_columns = tuple(map(list, zip(*tops, strict=True)))
     result.users = len(names)
     result.experiments = sum(ns)
     return FeatureRows(
@@ -383,8 +482,35 @@ def _rows(
         ns + [0] * len(idle),
         shares,
         means,
-        tuple(map(list, zip(*tops, strict=True))),
+        top_columns,
     )
+
+
+def _spill_tops(split: CompoundSplit, tops: list[tuple[int, int, int, int]]) -> SpillIndex:
+    """(user, compound, experiments, ties) rows by their compound's partition."""
+    with ColumnSpill(split.tops.parent, split.tops.name, split.partitions) as spill:
+        if tops:
+            uids, cids, counts, ties = map(list, zip(*tops, strict=True))
+            parts = partitions_of(canonical_keys(cids), split.partitions)
+            spill.write(parts, uids, cids, counts, ties)
+    return spill.index
+
+
+def join_tops(details_file: Path, tops: Sequence[Extent]) -> tuple[list[Any], ...]:
+    """The top-compound rows spilled to one compound partition, named from its details."""
+    uids: list[int] = []
+    cids: list[int] = []
+    counts: list[int] = []
+    ties: list[int] = []
+    for batch_uids, batch_cids, batch_counts, batch_ties in read_columns(tops):
+        uids += batch_uids
+        cids += batch_cids
+        counts += batch_counts
+        ties += batch_ties
+    if not uids:
+        return ()
+    details = list(map(_read_details(details_file).__getitem__, cids))
+    return uids, cids, [d[0] for d in details], [d[1] for d in details], counts, ties
 
 
 def write_compound_details(path: Path, details: Mapping[int, tuple[str, str]]) -> None:
@@ -403,6 +529,11 @@ def _known_compounds(path: Path) -> frozenset[bytes]:
 
 @lru_cache(maxsize=1)
 def _load_details(path: Path, _mtime_ns: int) -> dict[int, tuple[str, str]]:
+    """A broadcast catalogue's details, read once per worker and run."""
+    return _read_details(path)
+
+
+def _read_details(path: Path) -> dict[int, tuple[str, str]]:
     with path.open("rb") as f:
         details: dict[int, tuple[str, str]] = pickle.load(f)
     return details

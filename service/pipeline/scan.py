@@ -10,7 +10,9 @@ knows the number of its first line from the plan.
 What is spilled, each row under the canonical text of its key:
 - users, by user id: pickled (user ids, names, line numbers) column batches;
 - experiments, by user id: lines ``user_id,compound_ids,run_time,line``;
-- experiments, by experiment id: lines ``experiment_id``.
+- experiments, by experiment id: lines ``experiment_id``;
+- compounds, by compound id: pickled (ids, names, structures, line numbers) batches;
+- where the catalogue is partitioned, each range's distinct compound ids, by compound id.
 """
 
 from __future__ import annotations
@@ -38,13 +40,6 @@ from .spill import ColumnSpill, LineSpill, SpillIndex, canonical_keys, partition
 
 Stop = Callable[[], None]  # raises when the run is cancelled
 Taken = TypeVar("Taken", tuple[list[int], list[str]], fastpath.Columns)  # a block's columns
-
-
-@dataclass(frozen=True)
-class Compound:
-    id: int
-    name: str
-    structure: str
 
 
 @dataclass
@@ -102,30 +97,48 @@ def _raw_or_batches(
         yield (data, line_no) if fast else block_batch(plan, data, line_no)
 
 
-def scan_compounds(plan: FilePlan, log: ErrorLog, block: int = 8 << 20) -> dict[int, Compound]:
-    """Compounds by id: a dimension table, small enough to be read whole by every task."""
-    compounds: dict[int, Compound] = {}
+def scan_compounds(
+    plan: FilePlan,
+    part: ByteRange,
+    spill_dir: Path,
+    prefix: str,
+    partitions: int,
+    block: int = 8 << 20,
+    stop: Stop | None = None,
+    keep: int = MAX_REPORTED_ERRORS,
+) -> ScanResult:
+    """Check a range of compounds.csv; spill (id, name, structure, line) by compound
+    partition. Duplicates are found per partition (``check_compounds``)."""
+    log = ErrorLog(keep)
+    result = ScanResult()
     col_id, col_name, col_struct = (
         plan.columns[c] for c in ("compound_id", "compound_name", "compound_structure")
     )
-    first_line: dict[int, int] = {}
-    whole = ByteRange(plan.data_offset, plan.size, plan.header_line + 1)
-    for batch in _raw_or_batches(plan, whole, block, fast=False):
-        assert isinstance(batch, Batch)
-        rows, lines = _stripped(batch, plan.width, plan.name, log)
-        for row, line in zip(rows, lines, strict=True):
-            try:
-                cid = parse_id(row[col_id])
-            except FieldError as exc:
-                log.add(field_error(plan, line, "compound_id", exc))
-                continue
-            if cid in compounds:
-                message = f"duplicate compound_id {cid} (first on line {first_line[cid]})"
-                log.add(field_error(plan, line, "compound_id", message))
-                continue
-            first_line[cid] = line
-            compounds[cid] = Compound(cid, row[col_name], row[col_struct])
-    return compounds
+    with ColumnSpill(spill_dir, prefix, partitions) as spill:
+        for batch in _raw_or_batches(plan, part, block, fast=False):
+            assert isinstance(batch, Batch)
+            if stop is not None:
+                stop()
+            cids: list[int] = []
+            names: list[str] = []
+            structures: list[str] = []
+            kept: list[int] = []
+            rows, lines = _stripped(batch, plan.width, plan.name, log)
+            for row, line in zip(rows, lines, strict=True):
+                try:
+                    cids.append(parse_id(row[col_id]))
+                except FieldError as exc:
+                    log.add(field_error(plan, line, "compound_id", exc))
+                    continue
+                names.append(row[col_name])
+                structures.append(row[col_struct])
+                kept.append(line)
+            parts = partitions_of(canonical_keys(cids), partitions)
+            spill.write(parts, cids, names, structures, kept)
+            result.rows += len(cids)
+    result.errors, result.error_total = log.errors, log.total
+    result.spills = {"compounds": spill.index}
+    return result
 
 
 def scan_users(
@@ -237,14 +250,18 @@ def scan_experiments(
     block: int = 8 << 20,
     stop: Stop | None = None,
     keep: int = MAX_REPORTED_ERRORS,
+    compound_partitions: int = 1,
 ) -> ScanResult:
     """Check a range of the experiments; spill each valid row by user and by experiment id.
 
     The id spill holds the ids alone: the lines of a repeated id, which only an error
-    needs, are found again in the ranges that hold it (``check_experiment_ids``).
+    needs, are found again in the ranges that hold it (``check_experiment_ids``). With
+    the catalogue in ``compound_partitions`` > 1 partitions, the range's distinct
+    compound ids are spilled by compound partition too, for the reference check.
     """
     log = ErrorLog(keep)
     result = ScanResult(part=part)
+    referenced: set[bytes] = set()
     with (
         LineSpill(spill_dir, f"{prefix}-u", partitions) as by_user,
         LineSpill(spill_dir, f"{prefix}-e", partitions) as by_id,
@@ -254,9 +271,17 @@ def scan_experiments(
             user_rows = list(map(b",".join, zip(uids, comps, times, lines, strict=True)))
             by_user.write_lines(partitions_of(uids, partitions), user_rows)
             by_id.write_lines(partitions_of(eids, partitions), eids)
+            if compound_partitions > 1:
+                referenced.update(b";".join(comps).split(b";"))
             result.rows += len(eids)
     result.errors, result.error_total = log.errors, log.total
     result.spills = {"by_user": by_user.index, "by_id": by_id.index}
+    if compound_partitions > 1:
+        referenced.discard(b"")  # experiments without compounds
+        ids = list(referenced)
+        with LineSpill(spill_dir, f"{prefix}-c", compound_partitions) as refs:
+            refs.write_lines(partitions_of(ids, compound_partitions), ids)
+        result.spills["compound_refs"] = refs.index
     return result
 
 

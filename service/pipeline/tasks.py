@@ -13,10 +13,8 @@ from multiprocessing import parent_process
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .aggregate import write_compound_details
-from .csvfile import FilePlan
-from .errors import MAX_REPORTED_ERRORS, ErrorLog, FileError
-from .scan import ScanResult, scan_compounds
+from .errors import FileError
+from .scan import ScanResult
 
 T = TypeVar("T")
 
@@ -57,17 +55,6 @@ def run_task(call: Callable[[], T], stop: Callable[[], None] | None = None) -> T
         return call()
     finally:
         gc.enable()
-
-
-def compounds_task(
-    plan: FilePlan, details_file: Path, block: int, keep: int = MAX_REPORTED_ERRORS
-) -> ScanResult:
-    """Read compounds.csv and write the details phase 2 joins to the top compounds."""
-    errors = ErrorLog(keep)
-    compounds = scan_compounds(plan, errors, block)
-    details = {cid: (c.name, c.structure) for cid, c in compounds.items()}
-    write_compound_details(details_file, details)
-    return ScanResult(rows=len(compounds), errors=errors.errors, error_total=errors.total)
 
 
 @dataclass(frozen=True)
