@@ -16,9 +16,10 @@ import logging
 import math
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future
 from concurrent.futures import wait as wait_futures
+from contextlib import aclosing
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from itertools import accumulate
@@ -481,49 +482,34 @@ class Pipeline:
                 raise
             return await self._call(merge_slices, job, [merged])
 
-        # Results are loaded as they come, not in partition order: waiting for the
-        # oldest task while a newer one had finished left a worker without work.
         pending = map(partition, jobs)  # a job's extents are made as it starts
-        running = {asyncio.ensure_future(c) for c in itertools.islice(pending, window)}
-        try:
-            while running:
-                finished, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-                for task in finished:
-                    running.update(map(asyncio.ensure_future, itertools.islice(pending, 1)))
-                    result: PartitionResult = task.result()
-                    if first_pass:
-                        self.errors.extend(result.log.errors, result.log.total)
-                    done.users += result.users
-                    done.experiments += result.experiments
-                    done.rejected += result.rejected
-                    if result.tops is not None:
-                        tops.append(result.tops)
-                    self.progress.partitions_done += 1
-                    loading = loading and not (
-                        result.log.total and self.options.on_error == "abort"
-                    )
-                    if loading:
-                        rows = result.rows
-                        await load.put("experiment_counts", rows.count_columns)
-                        await load.put("experiment_averages", rows.average_columns)
-                        await load.put("top_compounds", rows.top_columns)
-        finally:
-            for task in running:
-                task.cancel()
+        async with aclosing(_as_done(pending, window)) as results:
+            async for result in results:
+                if first_pass:
+                    self.errors.extend(result.log.errors, result.log.total)
+                done.users += result.users
+                done.experiments += result.experiments
+                done.rejected += result.rejected
+                if result.tops is not None:
+                    tops.append(result.tops)
+                self.progress.partitions_done += 1
+                loading = loading and not (result.log.total and self.options.on_error == "abort")
+                if loading:
+                    rows = result.rows
+                    await load.put("experiment_counts", rows.count_columns)
+                    await load.put("experiment_averages", rows.average_columns)
+                    await load.put("top_compounds", rows.top_columns)
         if loading and tops:
-            await self._name_tops(load, catalogue, tops)
+            named = (
+                self._call(join_tops, path, _extents(tops, c))
+                for c, path in enumerate(catalogue.details)
+            )
+            # A partitioned catalogue: the top rows named per compound partition, each
+            # loaded as it comes (all at once: ~100 MB in this process at 1M users).
+            async with aclosing(_as_done(named, window)) as columns:
+                async for top_columns in columns:
+                    await load.put("top_compounds", top_columns)
         return done
-
-    async def _name_tops(
-        self, load: StagedLoad, catalogue: Catalogue, tops: list[SpillIndex]
-    ) -> None:
-        """A partitioned catalogue: the top-compound rows named per compound partition."""
-        named = [
-            self._call(join_tops, path, _extents(tops, c))
-            for c, path in enumerate(catalogue.details)
-        ]
-        for columns in await _gather(*named):
-            await load.put("top_compounds", columns)
 
     async def _commit(
         self,
@@ -595,6 +581,24 @@ async def _gather(*calls: Awaitable[T]) -> list[T]:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
+
+
+async def _as_done(calls: Iterator[Awaitable[T]], window: int) -> AsyncGenerator[T, None]:
+    """The results of ``calls`` as each finishes, ``window`` running at a time.
+
+    Not in the calls' order: waiting for the oldest call while a newer one had finished
+    left a worker without work. Calls still running when the caller stops are cancelled.
+    """
+    running = {asyncio.ensure_future(c) for c in itertools.islice(calls, window)}
+    try:
+        while running:
+            finished, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+            for task in finished:
+                running.update(map(asyncio.ensure_future, itertools.islice(calls, 1)))
+                yield task.result()
+    finally:
+        for task in running:
+            task.cancel()
 
 
 async def _both(first: Awaitable[A], second: Awaitable[B]) -> tuple[A, B]:

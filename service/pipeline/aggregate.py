@@ -154,15 +154,7 @@ def check_compounds(
 ) -> CompoundCheck:
     """Find repeated compound ids (the first row is kept), write the partition's details
     for phase 2, and the ids the experiments reference that it does not hold."""
-    cids: list[int] = []
-    names: list[str] = []
-    structures: list[str] = []
-    lines: list[int] = []
-    for batch_ids, batch_names, batch_structures, batch_lines in read_columns(compounds):
-        cids += batch_ids
-        names += batch_names
-        structures += batch_structures
-        lines += batch_lines
+    cids, names, structures, lines = _columns(compounds, 4)
     result = CompoundCheck(ErrorLog(keep))
     repeats = list(later_occurrences(cids, lines))
     later = {line for _, line, _ in repeats}
@@ -331,13 +323,7 @@ def _lines(job: PartitionJob, left_out: frozenset[int]) -> list[bytes]:
 
 def _users(job: PartitionJob, checked: Checked | None) -> dict[int, str]:
     """The partition's users by id; a repeated id keeps its first row."""
-    uids: list[int] = []
-    names: list[str] = []
-    lines: list[int] = []
-    for batch_ids, batch_names, batch_lines in read_columns(job.users):
-        uids += batch_ids
-        names += batch_names
-        lines += batch_lines
+    uids, names, lines = _columns(job.users, 3)
     repeats = list(later_occurrences(uids, lines))
     if not repeats:
         return dict(zip(uids, names, strict=True))
@@ -349,6 +335,15 @@ def _users(job: PartitionJob, checked: Checked | None) -> dict[int, str]:
         )
     later = {line for _, line, _ in repeats}
     return {u: n for u, n, ln in zip(uids, names, lines, strict=True) if ln not in later}
+
+
+def _columns(extents: Sequence[Extent], width: int) -> list[list[Any]]:
+    """The ``width`` columns a :class:`ColumnSpill` wrote to these extents, each whole."""
+    columns: list[list[Any]] = [[] for _ in range(width)]
+    for batch in read_columns(extents):
+        for column, part in zip(columns, batch, strict=True):
+            column += part
+    return columns
 
 
 def aggregate_partition(job: PartitionJob) -> PartitionResult:
@@ -498,15 +493,7 @@ def _spill_tops(split: CompoundSplit, tops: list[tuple[int, int, int, int]]) -> 
 
 def join_tops(details_file: Path, tops: Sequence[Extent]) -> tuple[list[Any], ...]:
     """The top-compound rows spilled to one compound partition, named from its details."""
-    uids: list[int] = []
-    cids: list[int] = []
-    counts: list[int] = []
-    ties: list[int] = []
-    for batch_uids, batch_cids, batch_counts, batch_ties in read_columns(tops):
-        uids += batch_uids
-        cids += batch_cids
-        counts += batch_counts
-        ties += batch_ties
+    uids, cids, counts, ties = _columns(tops, 4)
     if not uids:
         return ()
     details = list(map(_read_details(details_file).__getitem__, cids))

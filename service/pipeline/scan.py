@@ -18,6 +18,7 @@ What is spilled, each row under the canonical text of its key:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -39,6 +40,9 @@ from .fields import FieldError, parse_compound_list, parse_id, parse_run_time
 from .spill import ColumnSpill, LineSpill, SpillIndex, canonical_keys, partitions_of
 
 Stop = Callable[[], None]  # raises when the run is cancelled
+# Distinct compound ids a scan holds before it spills them (a partitioned catalogue):
+# the set stays a few MB, and a range's repeats of the popular compounds still merge.
+REFERENCES_HELD = 1 << 16
 Taken = TypeVar("Taken", tuple[list[int], list[str]], fastpath.Columns)  # a block's columns
 
 
@@ -111,28 +115,14 @@ def scan_compounds(
     partition. Duplicates are found per partition (``check_compounds``)."""
     log = ErrorLog(keep)
     result = ScanResult()
-    col_id, col_name, col_struct = (
-        plan.columns[c] for c in ("compound_id", "compound_name", "compound_structure")
-    )
     with ColumnSpill(spill_dir, prefix, partitions) as spill:
         for batch in _raw_or_batches(plan, part, block, fast=False):
             assert isinstance(batch, Batch)
             if stop is not None:
                 stop()
-            cids: list[int] = []
-            names: list[str] = []
-            structures: list[str] = []
-            kept: list[int] = []
-            rows, lines = _stripped(batch, plan.width, plan.name, log)
-            for row, line in zip(rows, lines, strict=True):
-                try:
-                    cids.append(parse_id(row[col_id]))
-                except FieldError as exc:
-                    log.add(field_error(plan, line, "compound_id", exc))
-                    continue
-                names.append(row[col_name])
-                structures.append(row[col_struct])
-                kept.append(line)
+            cids, (names, structures), kept = _keyed_rows(
+                plan, batch, log, "compound_id", ("compound_name", "compound_structure")
+            )
             parts = partitions_of(canonical_keys(cids), partitions)
             spill.write(parts, cids, names, structures, kept)
             result.rows += len(cids)
@@ -225,20 +215,31 @@ def _users_slowly(
     plan: FilePlan, batch: Batch, log: ErrorLog
 ) -> tuple[tuple[list[int], list[str]], list[int]]:
     """The rows of a batch one by one: user ids, names, lines; bad rows go to ``log``."""
-    col_id, col_name = plan.columns["user_id"], plan.columns["name"]
-    uids: list[int] = []
-    names: list[str] = []
+    uids, (names,), kept = _keyed_rows(plan, batch, log, "user_id", ("name",))
+    return (uids, names), kept
+
+
+def _keyed_rows(
+    plan: FilePlan, batch: Batch, log: ErrorLog, key: str, others: Sequence[str]
+) -> tuple[list[int], list[list[str]], list[int]]:
+    """The rows of a batch one by one: the ids of column ``key``, the ``others`` columns
+    and the lines; rows with a bad id go to ``log``."""
+    col_id = plan.columns[key]
+    picked = [plan.columns[c] for c in others]
+    ids: list[int] = []
+    columns: list[list[str]] = [[] for _ in picked]
     kept: list[int] = []
     rows, lines = _stripped(batch, plan.width, plan.name, log)
     for row, line in zip(rows, lines, strict=True):
         try:
-            uids.append(parse_id(row[col_id]))
+            ids.append(parse_id(row[col_id]))
         except FieldError as exc:
-            log.add(field_error(plan, line, "user_id", exc))
+            log.add(field_error(plan, line, key, exc))
             continue
-        names.append(row[col_name])
+        for column, c in zip(columns, picked, strict=True):
+            column.append(row[c])
         kept.append(line)
-    return (uids, names), kept
+    return ids, columns, kept
 
 
 def scan_experiments(
@@ -262,27 +263,37 @@ def scan_experiments(
     log = ErrorLog(keep)
     result = ScanResult(part=part)
     referenced: set[bytes] = set()
-    with (
-        LineSpill(spill_dir, f"{prefix}-u", partitions) as by_user,
-        LineSpill(spill_dir, f"{prefix}-e", partitions) as by_id,
-    ):
+    with ExitStack() as files:
+        by_user = files.enter_context(LineSpill(spill_dir, f"{prefix}-u", partitions))
+        by_id = files.enter_context(LineSpill(spill_dir, f"{prefix}-e", partitions))
+        refs = None
+        if compound_partitions > 1:
+            refs = files.enter_context(LineSpill(spill_dir, f"{prefix}-c", compound_partitions))
         for (eids, uids, comps, times), numbers in experiment_columns(plan, part, block, log, stop):
             lines = _line_texts(numbers)
             user_rows = list(map(b",".join, zip(uids, comps, times, lines, strict=True)))
             by_user.write_lines(partitions_of(uids, partitions), user_rows)
             by_id.write_lines(partitions_of(eids, partitions), eids)
-            if compound_partitions > 1:
+            if refs is not None:
                 referenced.update(b";".join(comps).split(b";"))
+                if len(referenced) > REFERENCES_HELD:
+                    _spill_references(refs, referenced)
             result.rows += len(eids)
+        if refs is not None:
+            _spill_references(refs, referenced)
     result.errors, result.error_total = log.errors, log.total
     result.spills = {"by_user": by_user.index, "by_id": by_id.index}
-    if compound_partitions > 1:
-        referenced.discard(b"")  # experiments without compounds
-        ids = list(referenced)
-        with LineSpill(spill_dir, f"{prefix}-c", compound_partitions) as refs:
-            refs.write_lines(partitions_of(ids, compound_partitions), ids)
+    if refs is not None:
         result.spills["compound_refs"] = refs.index
     return result
+
+
+def _spill_references(spill: LineSpill, referenced: set[bytes]) -> None:
+    """The distinct compound ids seen since the last call, by compound partition."""
+    referenced.discard(b"")  # experiments without compounds
+    ids = list(referenced)
+    referenced.clear()
+    spill.write_lines(partitions_of(ids, spill.partitions), ids)
 
 
 def experiment_columns(
