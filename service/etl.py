@@ -176,8 +176,10 @@ class Pipeline:
     """Runs one ETL run; ``progress`` is live for status pages.
 
     Phases: plan the files; scan every byte range of every file (phase 1); check
-    experiment ids per id partition; check and aggregate each user partition while its
-    rows stream into staging tables (phase 2); swap the tables in.
+    experiment ids per id partition and compounds per compound partition; check and
+    aggregate each user partition while its rows stream into staging tables (phase 2),
+    then, for a partitioned catalogue, name the top compounds per compound partition;
+    swap the tables in.
     """
 
     def __init__(

@@ -37,12 +37,15 @@ from service.pipeline.aggregate import (
     PartitionResult,
     aggregate_partition,
     aggregate_slice,
+    check_compounds,
     check_experiment_ids,
+    compound_details,
     exact_parts,
     merge_slices,
     write_compound_details,
 )
 from service.pipeline.csvfile import (
+    COMPOUNDS,
     EXPERIMENTS,
     USERS,
     ByteRange,
@@ -53,8 +56,8 @@ from service.pipeline.csvfile import (
 )
 from service.pipeline.errors import MAX_REPORTED_ERRORS, RowError
 from service.pipeline.fields import BIGINT_MAX
-from service.pipeline.scan import scan_experiments
-from service.pipeline.spill import ColumnSpill, Extent, LineSpill
+from service.pipeline.scan import scan_compounds, scan_experiments
+from service.pipeline.spill import ColumnSpill, Extent, LineSpill, partitions_of
 from service.settings import Settings
 
 T = TypeVar("T")
@@ -380,6 +383,42 @@ def id_scans(
             scans.append((extent, part))
     assert len(scans) > 1 or len(rows) < 6
     return scans[::-1], plan
+
+
+def test_each_compound_partition_holds_its_compounds_and_finds_missing_references() -> None:
+    """A partitioned catalogue: every compound is in exactly one partition's details, the
+    one its id hashes to; a repeated id keeps its first row and is reported with it; each
+    partition names the referenced ids it lacks."""
+    with scratch(buffer_bytes=50) as directory:
+        cids = [1, 2, 3, 10, 2**40, 77, 2, BIGINT_MAX]  # lines 2-9: 2 again on line 8
+        path = directory / "compounds.csv"
+        rows = "".join(f"{c},name {c} {n},C{c}\n" for n, c in enumerate(cids, 2))
+        path.write_text(",".join(COMPOUNDS.columns) + "\n" + rows, encoding="utf-8")
+        plan = scan_plan(plan_file(path, COMPOUNDS, block=16), 16)
+        ranges = list(split_ranges(plan, 40))
+        assert len(ranges) > 1
+        scans = [scan_compounds(plan, r, directory, f"c{i}", 3) for i, r in enumerate(ranges)]
+        wanted = [b"1", b"10", b"99", b"5", b"%d" % BIGINT_MAX]
+        with LineSpill(directory, "refs", 3) as refs:
+            refs.write_lines(partitions_of(wanted, 3), wanted)
+        details: dict[int, tuple[str, str]] = {}
+        missing: set[bytes] = set()
+        errors = []
+        for c in range(3):
+            held = [e for scan in scans if (e := scan.spills["compounds"].extent(c))]
+            asked = [e for e in [refs.index.extent(c)] if e is not None]
+            check = check_compounds(held, asked, plan, directory / f"details{c}.pkl")
+            part = compound_details(directory / f"details{c}.pkl")
+            assert partitions_of([b"%d" % k for k in part], 3) == [c] * len(part)
+            assert check.kept == len(part) and not details.keys() & part.keys()
+            details |= part
+            missing |= check.unknown
+            errors += [(e.line, e.message) for e in check.log.errors]
+        assert details == {c: (f"name {c} {n}", f"C{c}") for n, c in enumerate(cids[:6], 2)} | {
+            BIGINT_MAX: (f"name {BIGINT_MAX} 9", f"C{BIGINT_MAX}")
+        }
+        assert missing == {b"99", b"5"}
+        assert errors == [(8, "duplicate compound_id 2 (first on line 3)")]
 
 
 def test_lines_the_id_check_rejects_are_left_out_of_the_partition() -> None:
