@@ -175,8 +175,13 @@ class StagedLoad:
                 await conn.execute(f"SET LOCAL lock_timeout = '{int(lock_timeout * 1000)}ms'")
                 for table in sql.RESULT_TABLES:
                     await conn.execute(sql.drop_retired(table))
-        except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
-            log.warning("replaced result tables left for the next run to drop: %s", exc)
+        except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError):
+            # Its connection failed after the commit (a network that froze, say): once
+            # more over a new one, bounded; else the next run or the reaper drops them.
+            _terminate(conn)
+            await self._drop_over_new_connection(
+                [sql.drop_retired(table) for table in sql.RESULT_TABLES], "replaced result tables"
+            )
 
     async def _abort(self, stalled: bool) -> None:
         for stream in self.streams.values():
@@ -193,7 +198,10 @@ class StagedLoad:
                 _terminate(conn)
             await self.pool.expire_connections()
             await terminate_backends(self.pool, pids)
-            await self._drop_over_new_connection(list(sql.RESULT_TABLES)[: len(self._conns)])
+            tables = list(sql.RESULT_TABLES)[: len(self._conns)]
+            await self._drop_over_new_connection(
+                [sql.drop_staging(table) for table in tables], "staging tables"
+            )
             return
         orphaned: list[str] = []
         for conn, table in zip(self._conns, sql.RESULT_TABLES, strict=False):
@@ -203,10 +211,12 @@ class StagedLoad:
                 _terminate(conn)
                 orphaned.append(table)
         if orphaned:
-            await self._drop_over_new_connection(orphaned)
+            await self._drop_over_new_connection(
+                [sql.drop_staging(table) for table in orphaned], "staging tables"
+            )
 
-    async def _drop_over_new_connection(self, tables: list[str]) -> None:
-        """Drop staging tables whose own connection died (e.g. killed mid-COPY).
+    async def _drop_over_new_connection(self, drops: list[str], what: str) -> None:
+        """Drop tables whose own connection died (e.g. killed mid-COPY, or frozen).
 
         The dead backend's locks go once the server notices; the waits are bounded so a
         database that is gone cannot hang the abort (the next run drops leftovers anyway).
@@ -215,10 +225,10 @@ class StagedLoad:
         try:
             async with self.pool.acquire(timeout=CLEANUP_TIMEOUT) as conn, conn.transaction():
                 await conn.execute(f"SET LOCAL lock_timeout = '{timeout_ms}ms'")
-                for table in tables:
-                    await conn.execute(sql.drop_staging(table))
+                for drop in drops:
+                    await conn.execute(drop)
         except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError) as exc:
-            log.warning("staging tables %s left behind: %s", ", ".join(tables), exc)
+            log.warning("%s left for the next run to drop: %s", what, exc)
 
     async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
         try:
