@@ -184,7 +184,6 @@ class CompoundSplit:
     partitions: int
     unknown: frozenset[bytes]  # referenced compound ids that no partition holds
     tops: Path  # where this task spills its top-compound rows, by compound partition
-    details: tuple[Path, ...] = ()  # each compound partition's details (``join_tops``)
 
 
 @dataclass(frozen=True)
