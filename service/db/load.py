@@ -175,7 +175,9 @@ class StagedLoad:
                 await conn.execute(f"SET LOCAL lock_timeout = '{int(lock_timeout * 1000)}ms'")
                 for table in sql.RESULT_TABLES:
                     await conn.execute(sql.drop_retired(table))
-        except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError):
+        except asyncpg.PostgresError as exc:  # e.g. readers held the locks past the timeout
+            log.warning("replaced result tables left for the next run to drop: %s", exc)
+        except (OSError, asyncpg.InterfaceError, TimeoutError):
             # Its connection failed after the commit (a network that froze, say): once
             # more over a new one, bounded; else the next run or the reaper drops them.
             _terminate(conn)
