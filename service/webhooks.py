@@ -18,6 +18,7 @@ import hmac
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
@@ -107,21 +108,23 @@ class Webhooks:
         task.add_done_callback(self.tasks.discard)
 
     async def _deliver_all(self, run_id: int, targets: list[str]) -> None:
-        statuses = [{"url": _shown(url), "status": "pending", "attempts": 0} for url in targets]
+        run = _Deliveries(
+            run_id, [{"url": _shown(u), "status": "pending", "attempts": 0} for u in targets]
+        )
         try:
             body = json.dumps(payload(await self.fetch(run_id))).encode()
-            await self._record(run_id, statuses)
+            await self._record(run)
             await asyncio.gather(
                 *(
-                    self._deliver(run_id, url, body, st, statuses)
-                    for url, st in zip(targets, statuses, strict=True)
+                    self._deliver(run, url, body, status)
+                    for url, status in zip(targets, run.statuses, strict=True)
                 )
             )
         except asyncio.CancelledError:
-            for status in statuses:
+            for status in run.statuses:
                 if status["status"] == "pending":
                     status["status"] = "cancelled"
-            await asyncio.shield(self._record(run_id, statuses))
+            await asyncio.shield(self._record(run))
             raise
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             log.warning(
@@ -130,12 +133,7 @@ class Webhooks:
             )
 
     async def _deliver(
-        self,
-        run_id: int,
-        url: str,
-        body: bytes,
-        status: dict[str, Any],
-        statuses: list[dict[str, Any]],
+        self, run: _Deliveries, url: str, body: bytes, status: dict[str, Any]
     ) -> None:
         import aiohttp
 
@@ -159,7 +157,7 @@ class Webhooks:
                         status["status"] = "delivered"
                         status["delivered_at"] = _now()
                         status.pop("error", None)
-                        await self._record(run_id, statuses)
+                        await self._record(run)
                         return
                     status["error"] = f"HTTP {response.status}"
                     retry = response.status >= 500 or response.status in RETRIED_STATUSES
@@ -167,14 +165,14 @@ class Webhooks:
                 status["error"] = f"{type(exc).__name__}: {exc}"
             if not retry or attempt == s.webhook_attempts:
                 break
-            await self._record(run_id, statuses)
+            await self._record(run)
             await asyncio.sleep(s.webhook_backoff * 2 ** (attempt - 1))
         status["status"] = "failed"
-        await self._record(run_id, statuses)
+        await self._record(run)
         log.warning(
             "webhook delivery failed",
             extra={
-                "run_id": run_id,
+                "run_id": run.run_id,
                 "event": "webhook",
                 "detail": f"{status['url']}: {status['error']} after {attempt} attempt(s)",
             },
@@ -187,14 +185,18 @@ class Webhooks:
             self._session = aiohttp.ClientSession()
         return self._session
 
-    async def _record(self, run_id: int, statuses: list[dict[str, Any]]) -> None:
-        try:
-            await self.pool.execute(sql.SET_WEBHOOKS, run_id, json.dumps(statuses))
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            log.warning(
-                "webhook status not recorded",
-                extra={"run_id": run_id, "event": "webhook", "detail": repr(exc)},
-            )
+    async def _record(self, run: _Deliveries) -> None:
+        # One write at a time, each of the statuses as they are when it starts: two
+        # deliveries' writes on two connections could otherwise commit out of order
+        # and leave an earlier state (one still "pending") as the last one.
+        async with run.lock:
+            try:
+                await self.pool.execute(sql.SET_WEBHOOKS, run.run_id, json.dumps(run.statuses))
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning(
+                    "webhook status not recorded",
+                    extra={"run_id": run.run_id, "event": "webhook", "detail": repr(exc)},
+                )
 
     async def close(self, grace: float = 0.0) -> None:
         """Give deliveries ``grace`` seconds to finish, cancel the rest, close the session."""
@@ -206,6 +208,15 @@ class Webhooks:
         if self._session is not None:
             with contextlib.suppress(Exception):
                 await self._session.close()
+
+
+@dataclass
+class _Deliveries:
+    """One run's deliveries: their statuses, written back one write at a time."""
+
+    run_id: int
+    statuses: list[dict[str, Any]]
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 def _now() -> str:

@@ -18,6 +18,8 @@ from test_inputs import dataset, run, sample
 from test_web_support import Client, Serve, problem, wait_for
 
 from service.settings import Settings
+from service.web.keys import RUNNER
+from service.webhooks import _Deliveries
 
 pytest_plugins = ["test_web_support"]
 
@@ -156,3 +158,28 @@ async def test_a_receiver_that_is_down_leaves_the_run_succeeded_and_the_delivery
     assert (hook["status"], hook["attempts"]) == ("delivered", 2)
     assert len(receiver.received) == 2
     assert all("X-ETL-Signature" not in headers for _, headers, _ in receiver.received)
+
+
+async def test_the_statuses_a_run_shows_are_the_last_ones_written(
+    serve: Serve, receiver: Receiver
+) -> None:
+    """Two deliveries of one run write their statuses over two pool connections at once;
+    whatever order those commit in, the run must end showing the latest statuses, not an
+    earlier write's "pending" (a delivery CI once waited 20 s for)."""
+    client = await serve(webhook_url=receiver.url())
+    done = await run(client)
+    await delivered(client, done["id"])
+    webhooks = client.server.app[RUNNER].webhooks
+    statuses = [
+        {"url": url, "status": "pending", "attempts": 0} for url in ("http://a", "http://b")
+    ]
+    deliveries = _Deliveries(done["id"], statuses)
+
+    async def attempt(number: int) -> None:
+        deliveries.statuses[number % 2]["attempts"] = number
+        await webhooks._record(deliveries)
+
+    await asyncio.gather(*(attempt(number) for number in range(1, 101)))
+    async with client.get(f"/runs/{done['id']}") as response:
+        shown = (await response.json())["webhooks"]
+    assert [status["attempts"] for status in shown] == [100, 99]
