@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
@@ -10,8 +11,10 @@ from badinput import connect, run_rows, scratch_tables, snapshot
 from click.testing import CliRunner
 
 from service.cli import main
+from service.db.database import open_pool
 from service.etl import RunOptions
 from service.jobs import run_once
+from service.runstore import RunStore
 from service.settings import Settings
 
 
@@ -53,6 +56,21 @@ async def test_replaced_tables_left_by_a_dead_process_are_dropped(
     assert (await run_once(settings, sample_dir))["status"] == "succeeded"
     assert await scratch_tables(settings) == []
     assert len((await snapshot(settings))["experiment_counts"]) == 10
+
+
+async def test_a_progress_report_that_arrives_after_the_run_ended_changes_nothing(
+    settings: Settings, sample_dir: Path
+) -> None:
+    """The progress reporter's last write can be in flight while the swap commits the
+    run's final progress; landing after it, it must not leave the record showing an
+    earlier point of the run."""
+    done = await run_once(settings, sample_dir)
+    assert done["status"] == "succeeded"
+    assert done["progress"]["partitions_done"] == done["progress"]["partitions_total"] > 0
+    async with open_pool(settings) as pool:
+        await RunStore(pool).set_progress(done["id"], {**done["progress"], "partitions_done": 0})
+        stored = await pool.fetchval("SELECT progress FROM etl_runs WHERE id = $1", done["id"])
+    assert json.loads(stored) == done["progress"]
 
 
 async def test_failed_run_keeps_previous_results(settings: Settings, sample_dir: Path) -> None:

@@ -159,7 +159,9 @@ SELECT * FROM etl_runs WHERE ($1::text IS NULL OR status = $1) ORDER BY id DESC 
 START_RUN = """
 UPDATE etl_runs SET status = 'running', started_at = now() WHERE id = $1 AND status = 'queued'
 """
-SET_PROGRESS = "UPDATE etl_runs SET progress = $2::jsonb WHERE id = $1"
+# Only while the run goes: a report in flight as the swap commits the final progress would
+# otherwise land after it and leave the record showing an earlier point of the run.
+SET_PROGRESS = "UPDATE etl_runs SET progress = $2::jsonb WHERE id = $1 AND status = 'running'"
 # The one write of a run's final status. Guarded: a status once final never changes, so
 # nothing after the swap's COMMIT (which wrote 'succeeded') can overwrite it. No row back
 # means the run had already ended; RUN_BY_ID then says how.
