@@ -88,16 +88,24 @@ async def test_dask_gives_the_local_results_on_the_sample(
 
 
 @pytest.mark.parametrize(
-    ("shape", "partitions"), [(s, None) for s in SHAPES] + [("dense", 1), ("dense", 23)]
+    ("shape", "partitions", "compound_partitions"),
+    [(s, None, None) for s in SHAPES]
+    + [("dense", 1, None), ("dense", 23, None)]
+    + [("hot", 5, 3)],  # a partitioned catalogue: its checks and joins are tasks too
 )
 async def test_dask_gives_the_local_results_on_generated_data(
-    settings: Settings, dask: Cluster, shape: str, partitions: int | None
+    settings: Settings,
+    dask: Cluster,
+    shape: str,
+    partitions: int | None,
+    compound_partitions: int | None,
 ) -> None:
     source = generated(settings.tmp_dir.parent / "generated", shape)
     before = await asyncio.to_thread(dask.tasks_finished)
-    expected, got = await both_ways(
-        dataclasses.replace(settings, partitions=partitions), dask, source
+    forced = dataclasses.replace(
+        settings, partitions=partitions, compound_partitions=compound_partitions
     )
+    expected, got = await both_ways(forced, dask, source)
     plain = normalised(source, settings.tmp_dir.parent / "plain")  # quotes after the tab
     assert got == expected == obvious(plain)
     assert await asyncio.to_thread(dask.tasks_finished) - before >= max(3, partitions or 0)
