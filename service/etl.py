@@ -68,9 +68,8 @@ PLAN_BLOCK = 1 << 20  # the plan notes a possible cut point per block
 MIN_SLICE_BYTES = 1 << 20  # slices are never smaller than this
 # A compounds.csv up to this size is broadcast: each worker holds it whole (~10x its size
 # in memory); a larger one is partitioned by compound id (2M compounds, 73 MB, held whole:
-# 755 MB in each worker). At the boundary (110k compounds, 3.7-4.0 MB) broadcasting saves
-# 8-10% of the CPU and costs ~80 MB at 1M experiments (270 MB peak, within the 300 MB
-# target); twice the size would pass it (benchmarks/README, thirteenth round).
+# 755 MB in each worker). Just under this size broadcasting is still the faster way and
+# within the memory target; twice it would not be (benchmarks/README, thirteenth round).
 BROADCAST_BYTES = 4 << 20
 
 
