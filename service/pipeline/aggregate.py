@@ -40,7 +40,6 @@ from .csvfile import ByteRange, FilePlan
 from .errors import MAX_REPORTED_ERRORS, ErrorLog, FileOrder, RowError
 from .features import (
     FeatureRows,
-    TopRow,
     average_experiments,
     average_run_time,
     top_compound,
@@ -453,21 +452,14 @@ def _rows(
     shares += repeat(average_experiments(0, total), len(idle))
     means = list(map(average_run_time, run_times, ns))
     means += repeat(average_run_time((), 0), len(idle))
+    found = zip(uids, map(top_compound, tallies), strict=True)
+    # (user, compound, experiments, ties) as columns; () when no user has a compound.
+    unnamed = tuple(map(list, zip(*[(uid, *top) for uid, top in found if top], strict=True)))
     top_columns: tuple[list[Any], ...] = ()
     if job.split is not None:  # named where their compounds' partitions are (join_tops)
-        found = zip(uids, map(top_compound, tallies), strict=True)
-        unnamed = [(uid, *top) for uid, top in found if top]
         result.tops = _spill_tops(job.split, unnamed)
-    elif job.compounds_file is not None:
-        details = compound_details(job.compounds_file)
-        tops: list[TopRow] = []
-        for uid, tally in zip(uids, tallies, strict=True):
-            top = top_compound(tally)
-            if top is not None:
-                cid, count, ties = top
-                name, structure = details[cid]
-                tops.append((uid, cid, name, structure, count, ties))
-        top_columns = tuple(map(list, zip(*tops, strict=True)))
+    elif job.compounds_file is not None and unnamed:
+        top_columns = _named(compound_details(job.compounds_file), *unnamed)
     result.users = len(names)
     result.experiments = sum(ns)
     return FeatureRows(
@@ -480,13 +472,12 @@ def _rows(
     )
 
 
-def _spill_tops(split: CompoundSplit, tops: list[tuple[int, int, int, int]]) -> SpillIndex:
-    """(user, compound, experiments, ties) rows by their compound's partition."""
+def _spill_tops(split: CompoundSplit, columns: tuple[list[Any], ...]) -> SpillIndex:
+    """The top-compound columns (user, compound, experiments, ties) by their compound's
+    partition."""
     with ColumnSpill(split.tops.parent, split.tops.name, split.partitions) as spill:
-        if tops:
-            uids, cids, counts, ties = map(list, zip(*tops, strict=True))
-            parts = partitions_of(canonical_keys(cids), split.partitions)
-            spill.write(parts, uids, cids, counts, ties)
+        if columns:
+            spill.write(partitions_of(canonical_keys(columns[1]), split.partitions), *columns)
     return spill.index
 
 
@@ -495,8 +486,20 @@ def join_tops(details_file: Path, tops: Sequence[Extent]) -> tuple[list[Any], ..
     uids, cids, counts, ties = _columns(tops, 4)
     if not uids:
         return ()
-    details = list(map(_read_details(details_file).__getitem__, cids))
-    return uids, cids, [d[0] for d in details], [d[1] for d in details], counts, ties
+    return _named(_read_details(details_file), uids, cids, counts, ties)
+
+
+def _named(
+    details: Mapping[int, tuple[str, str]],
+    uids: list[int],
+    cids: list[int],
+    counts: list[int],
+    ties: list[int],
+) -> tuple[list[Any], ...]:
+    """Top-compound columns (user, compound, experiments, ties), with each compound's
+    name and structure: the top-compound table's columns."""
+    found = list(map(details.__getitem__, cids))
+    return uids, cids, [d[0] for d in found], [d[1] for d in found], counts, ties
 
 
 def write_compound_details(path: Path, details: Mapping[int, tuple[str, str]]) -> None:
