@@ -152,8 +152,14 @@ class Catalogue:
     details: list[Path]  # by compound partition; one: broadcast to every task
     unknown: frozenset[bytes]  # referenced ids no partition holds (a partitioned one)
 
+    @property
+    def broadcast(self) -> Path | None:
+        """The one details file every task reads, when the catalogue is broadcast."""
+        return self.details[0] if len(self.details) == 1 else None
+
     def split(self, tops: Path) -> CompoundSplit | None:
-        if len(self.details) == 1:
+        """What a task needs of a partitioned catalogue (None when it is broadcast)."""
+        if self.broadcast is not None:
             return None
         return CompoundSplit(len(self.details), self.unknown, tops)
 
@@ -440,7 +446,7 @@ class Pipeline:
                 _extents(scanned.users, p),
                 _extents(scanned.experiments, p),
                 total,
-                catalogue.details[0] if len(catalogue.details) == 1 else None,
+                catalogue.broadcast,
                 plan.users,
                 plan.experiments,
                 rejected,
