@@ -9,7 +9,9 @@ without quotes be split into byte ranges and parsed by several processes at once
 A file with quotes is read by one reader (a quoted field may hold a line end, so a byte
 offset does not say where a row starts), but still in C-level passes per chunk: Python's
 csv module cannot honour a quote after the tab, and rewriting each line character by
-character in Python made quoted names cost several times the plain file.
+character in Python made quoted names cost several times the plain file. One reader may
+also read a range of it that starts at a line start, assumed to be a row start
+(``split_ranges(speculative=True)``; the caller checks the assumption).
 """
 
 from __future__ import annotations
@@ -460,16 +462,21 @@ class Batch:
 
 
 def iter_batches(
-    plan: FilePlan, start: int | None = None, end: int | None = None, block: int = 8 << 20
+    plan: FilePlan,
+    start: int | None = None,
+    end: int | None = None,
+    block: int = 8 << 20,
+    first_line: int | None = None,
 ) -> Iterator[Batch]:
     """Parse rows from ``[start, end)`` (default: all data after the header).
 
-    Line numbers are absolute when reading from the header on, otherwise relative to
-    ``start`` (line 1 = first line of the range). Blank rows come through as ``[]``.
+    Line numbers are absolute when reading from the header on or when ``first_line``
+    gives the range's first, otherwise relative to ``start`` (line 1 = first line of the
+    range). Blank rows come through as ``[]``.
     """
     begin = plan.data_offset if start is None else start
     stop = plan.size if end is None else end
-    first = plan.header_line + 1 if start is None else 1
+    first = plan.header_line + 1 if start is None else first_line or 1
     if plan.splittable():
         for data, line_no in raw_blocks(plan.path, plan.name, begin, stop, block, first):
             yield block_batch(plan, data, line_no)
@@ -542,7 +549,7 @@ def _quoted_batches(
 
 
 _CHUNK = 128 * 1024  # characters parsed at once
-_BATCH_ROWS = 65536
+_BATCH_ROWS = 8192
 _ALL = 1 << 62  # lines: all there are
 _BLANKS_AFTER_COMMA = re.compile(",[ \t]+\x00")
 _BLANKS_AFTER_NEWLINE = re.compile("\n[ \t]+\x00")
@@ -791,7 +798,9 @@ def _csv_failure(name: str, lines: list[str], first_line: int, exc: csv.Error) -
     return FileError(RowError(name, first_line, None, f"CSV error: {exc}"))
 
 
-def split_ranges(plan: FilePlan, target: int, workers: int = 0) -> list[ByteRange]:
+def split_ranges(
+    plan: FilePlan, target: int, workers: int = 0, speculative: bool = False
+) -> list[ByteRange]:
     """Cut the data into byte ranges of about ``target`` bytes (at least one planning
     block each) that start at line starts with known line numbers.
 
@@ -800,12 +809,15 @@ def split_ranges(plan: FilePlan, target: int, workers: int = 0) -> list[ByteRang
     so that the last tasks are small and no worker scans alone for long at the end of
     the phase (10M dense: the last of 17 ranges of ~16 MB ran alone for ~0.6 s).
 
-    A file that cannot be split (quotes, bare CRs) is one range.
+    A file that cannot be split (quotes, bare CRs) is one range. With ``speculative``,
+    a quoted file is cut at line starts too, each range assumed to start outside a
+    quoted field: the caller must check that every range but the last ended outside
+    one (its reader raised no ``FileError``), else read the file as one range.
     """
     assert plan.scanned, "split_ranges needs the plan's cut points (scan_plan)"
     begin, end = plan.data_offset, plan.size
     whole = [ByteRange(begin, end, plan.header_line + 1)]
-    if not plan.splittable() or len(plan.cuts) < 2:
+    if plan.lone_cr or (plan.quoted and not speculative) or len(plan.cuts) < 2:
         return whole
     chosen = [plan.cuts[0]]
     for cut in plan.cuts[1:]:

@@ -91,9 +91,8 @@ def _raw_or_batches(
     # block's bytes at a time (a quoted 69 MB users.csv in 8 MiB batches: 124 MB peak;
     # 1M experiments with their columns in another order in 8 MiB blocks: 356 MB).
     size = min(block, fastpath.BLOCK)
-    if not plan.splittable():  # one sequential reader, over the whole file
-        assert part.start == plan.data_offset and part.end == plan.size
-        yield from iter_batches(plan, block=size)
+    if not plan.splittable():  # one sequential reader (over a range: see split_ranges)
+        yield from iter_batches(plan, part.start, part.end, size, part.first_line)
         return
     for data, line_no in raw_blocks(
         plan.path, plan.name, part.start, part.end, size, part.first_line, lf_only=True
