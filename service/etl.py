@@ -312,8 +312,10 @@ class Pipeline:
             raise
         plan = dataclasses.replace(plan, experiments=experiments)
         scan = partial(scan_experiments, compound_partitions=compound_partitions)
-        late = self._ranges("experiments", experiments, scan, workdir, partitions)
-        results = await _gather(*early, *late)
+        first, late = await _both(
+            _gather(*early), self._experiment_scans(experiments, scan, workdir, partitions)
+        )
+        results = first + late
         await self._check_errors()
         by_kind: dict[str, list[SpillIndex]] = defaultdict(list)
         for result in results:
@@ -333,6 +335,33 @@ class Pipeline:
             experiment_rows=self.progress.rows_read["experiments"],
         )
 
+    async def _experiment_scans(
+        self, plan: FilePlan, scan: Callable[..., ScanResult], workdir: Path, partitions: int
+    ) -> list[ScanResult]:
+        """The experiments' scans. A quoted file is split too, speculatively (as in Ge et
+        al., "Speculative Distributed CSV Data Parsing", SIGMOD 2019): each range assumes
+        it starts outside a quoted field, which holds when the range before it ended
+        outside one. Where one did not (a quoted field held a line end across a cut), or
+        any range failed, the ranges after it may have read garbage: their results and
+        errors are dropped and one reader reads the whole file again."""
+        if not plan.quoted:
+            return await _gather(*self._ranges("experiments", plan, scan, workdir, partitions))
+        results = await _gather(
+            *self._ranges("experiments", plan, scan, workdir, partitions, speculative=True)
+        )
+        if len(results) > 1 and any(r.fatal for r in results):
+            log.info("experiments: a quoted field spans a cut, or a range failed: read again")
+            self.progress.rows_read["experiments"] = 0
+            self.progress.bytes_read -= plan.size - plan.data_offset
+            await asyncio.to_thread(_remove, workdir, "experiments[0-9]*-spill")
+            whole = dataclasses.replace(plan, cuts=plan.cuts[:1])  # one range
+            results = await _gather(
+                *self._ranges("experiments", whole, scan, workdir, partitions, speculative=True)
+            )
+        for result in results:
+            self._report(result)
+        return results
+
     def _ranges(
         self,
         kind: str,
@@ -340,13 +369,18 @@ class Pipeline:
         scan: Callable[..., ScanResult],
         workdir: Path,
         partitions: int,
+        speculative: bool = False,
     ) -> list[Awaitable[ScanResult]]:
         """A scan of each byte range of a file, largest first: the workers take tasks in
         this order, and a file read whole (a quoted users.csv cannot be split) started
-        last kept one worker busy alone at the end (10M sparse: ~2 s with one core idle)."""
+        last kept one worker busy alone at the end (10M sparse: ~2 s with one core idle).
+
+        ``speculative`` splits a quoted file too and leaves its errors unreported: the
+        caller reports them once the ranges are known to have started at row starts."""
         # Four ranges per worker at least, so that no worker waits long at the end.
         target = min(RANGE_BYTES, max(1, file_plan.size // (4 * self.settings.workers)))
-        parts = list(enumerate(split_ranges(file_plan, target, self.settings.workers)))
+        split = split_ranges(file_plan, target, self.settings.workers, speculative)
+        parts = list(enumerate(split))
         parts.sort(key=lambda p: p[1].end - p[1].start, reverse=True)
         return [
             self._counted(
@@ -363,17 +397,24 @@ class Pipeline:
                     self._stop,
                     self.options.errors_kept,
                 ),
+                report=not speculative,
             )
             for index, part in parts
         ]
 
-    async def _counted(self, kind: str, size: int, call: Awaitable[ScanResult]) -> ScanResult:
+    async def _counted(
+        self, kind: str, size: int, call: Awaitable[ScanResult], report: bool = True
+    ) -> ScanResult:
         result = await call
-        self.errors.extend(result.errors, result.error_total)
-        self.fatal = self.fatal or result.fatal
+        if report:
+            self._report(result)
         self.progress.rows_read[kind] += result.rows
         self.progress.bytes_read += size
         return result
+
+    def _report(self, result: ScanResult) -> None:
+        self.errors.extend(result.errors, result.error_total)
+        self.fatal = self.fatal or result.fatal
 
     async def _check_experiment_ids(self, plan: InputPlan, scanned: Scanned) -> frozenset[int]:
         """Repeated experiment ids, per id partition; the lines of the rejected repeats."""
@@ -614,6 +655,11 @@ async def _both(first: Awaitable[A], second: Awaitable[B]) -> tuple[A, B]:
     """``_gather`` of two calls of different types."""
     a, b = await _gather(first, second)
     return cast(A, a), cast(B, b)
+
+
+def _remove(directory: Path, pattern: str) -> None:
+    for path in directory.glob(pattern):
+        path.unlink(missing_ok=True)
 
 
 def _extents(indexes: list[SpillIndex], partition: int) -> list[Extent]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shutil
 import time
 import tracemalloc
@@ -25,6 +26,7 @@ from typing import Any
 import pytest
 from badinput import Tables, leftovers, replace, run_rows, scratch_tables, snapshot
 
+from service import etl
 from service.etl import RunOptions
 from service.jobs import run_once
 from service.pipeline.csvfile import ENCODING_HINT, FIELD_LIMIT, MAX_LINE_CHARS
@@ -325,6 +327,43 @@ async def test_partitioned_catalogue_reports_the_same_compound_errors(
     run = await run_once(partitioned, baseline.data)
     assert run["errors"] == [error]
     assert run["error_total"] == 1
+    await assert_failed_and_intact(baseline, run)
+
+
+EXPERIMENT_ROW_FAILURES = [
+    (i, e, x) for i, e, x in FAILURES if x["file"] == EXPERIMENTS and x["line"] is not None
+]
+
+
+@pytest.mark.parametrize("spans", [False, True], ids=["cut-at-rows", "quote-across-a-cut"])
+@pytest.mark.parametrize(
+    ("edit", "error"),
+    [(e, x) for _, e, x in EXPERIMENT_ROW_FAILURES],
+    ids=[i for i, _, _ in EXPERIMENT_ROW_FAILURES],
+)
+async def test_a_quoted_experiments_file_in_ranges_reports_the_same_errors(
+    baseline: Baseline,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    edit: Callable[[Path], None],
+    error: dict[str, Any],
+    spans: bool,
+) -> None:
+    """A quoted experiments file is read in byte ranges too, each assumed to start at a
+    row: the same errors at the same places. Where a quoted field holds line ends across
+    a cut (the last row's run time here, after every error), the file is read again by
+    one reader."""
+    edit(baseline.data)
+    replace(baseline.data / EXPERIMENTS, b"\n2,\t1,\t2;3,", b'\n2,\t1,\t"2;3",')
+    if spans:
+        replace(baseline.data / EXPERIMENTS, b"1;3,\t60", b'1;3,\t"60' + b"\n" * 24 + b'"')
+    monkeypatch.setattr(etl, "RANGE_BYTES", 24)
+    ranges = dataclasses.replace(baseline.settings, chunk_bytes=16, workers=2)
+    with caplog.at_level(logging.INFO, logger="service.etl"):
+        run = await run_once(ranges, baseline.data)
+    assert run["errors"] == [error]
+    assert run["error_total"] == 1
+    assert ("read again" in caplog.text) == spans
     await assert_failed_and_intact(baseline, run)
 
 

@@ -88,7 +88,8 @@ ids = st.integers(0, 60) | st.integers(2**26, 2**63 - 1)  # dense, and sparse up
 @st.composite
 def datasets(draw: st.DrawFn) -> dict[str, str]:
     """Three valid CSV files' text, keyed by file name: the exports' quirks, ids up to
-    2**63-1, rows in any order, quoted names, decimal run times, a hot user."""
+    2**63-1, rows in any order, quoted names, quoted experiment fields that may hold
+    line ends, decimal run times, a hot user."""
 
     def field(value: object) -> str:
         return f"{draw(blank)}{value}{draw(blank)}"
@@ -105,6 +106,16 @@ def datasets(draw: st.DrawFn) -> dict[str, str]:
     def name() -> str:  # sometimes quoted, holding a comma (an export's "Smith, Alice")
         plain = draw(names)
         return f'"{plain}, Q"' if draw(st.booleans()) else field(plain)
+
+    # Some exports quote the experiments' fields too, and a quoted field may hold a line
+    # end (stripped with the field): a byte range may start inside one.
+    quoting = draw(st.booleans())
+
+    def experiment_field(value: object) -> str:
+        if not (quoting and draw(st.booleans())):
+            return field(value)
+        line_end = draw(st.sampled_from(["", "\n", "\r\n\n"]))
+        return f'"{draw(blank)}{value}{line_end}"'
 
     user_ids = draw(st.lists(ids, min_size=1, max_size=12, unique=True))
     compound_ids = draw(st.lists(ids, min_size=1, max_size=6, unique=True))
@@ -124,13 +135,13 @@ def datasets(draw: st.DrawFn) -> dict[str, str]:
         )
         experiments.append(
             [
-                field(id_text(e)),
+                experiment_field(id_text(e)),
                 # Half of all experiments, or so, go to one hot user.
-                field(
+                experiment_field(
                     id_text(user_ids[0] if draw(st.booleans()) else draw(st.sampled_from(user_ids)))
                 ),
-                field(";".join(f"{draw(blank)}{id_text(c)}" for c in listed)),
-                field(repr(run_time) if isinstance(run_time, float) else run_time),
+                experiment_field(";".join(f"{draw(blank)}{id_text(c)}" for c in listed)),
+                experiment_field(repr(run_time) if isinstance(run_time, float) else run_time),
             ]
         )
     return {
