@@ -298,11 +298,16 @@ class Pipeline:
         experiments' data for its cut points (the one pass over the largest file that
         no worker can share: 10M sparse, ~0.65 s with the workers idle before).
         """
-        compounds = self._ranges(
-            "compounds", plan.compounds, scan_compounds, workdir, compound_partitions
-        )
-        users = self._ranges("users", plan.users, scan_users, workdir, partitions)
-        early = [asyncio.ensure_future(c) for c in (*compounds, *users)]
+        early = [
+            asyncio.ensure_future(
+                self._file_scans(
+                    "compounds", plan.compounds, scan_compounds, workdir, compound_partitions
+                )
+            ),
+            asyncio.ensure_future(
+                self._file_scans("users", plan.users, scan_users, workdir, partitions)
+            ),
+        ]
         try:
             experiments = await asyncio.to_thread(scan_plan, plan.experiments, plan_block)
         except BaseException:
@@ -313,9 +318,9 @@ class Pipeline:
         plan = dataclasses.replace(plan, experiments=experiments)
         scan = partial(scan_experiments, compound_partitions=compound_partitions)
         first, late = await _both(
-            _gather(*early), self._experiment_scans(experiments, scan, workdir, partitions)
+            _gather(*early), self._file_scans("experiments", experiments, scan, workdir, partitions)
         )
-        results = first + late
+        results = [*itertools.chain.from_iterable(first), *late]
         await self._check_errors()
         by_kind: dict[str, list[SpillIndex]] = defaultdict(list)
         for result in results:
@@ -335,28 +340,33 @@ class Pipeline:
             experiment_rows=self.progress.rows_read["experiments"],
         )
 
-    async def _experiment_scans(
-        self, plan: FilePlan, scan: Callable[..., ScanResult], workdir: Path, partitions: int
+    async def _file_scans(
+        self,
+        kind: str,
+        plan: FilePlan,
+        scan: Callable[..., ScanResult],
+        workdir: Path,
+        partitions: int,
     ) -> list[ScanResult]:
-        """The experiments' scans. A quoted file is split too, speculatively (as in Ge et
-        al., "Speculative Distributed CSV Data Parsing", SIGMOD 2019): each range assumes
-        it starts outside a quoted field, which holds when the range before it ended
-        outside one. Where one did not (a quoted field held a line end across a cut), or
-        any range failed, the ranges after it may have read garbage: their results and
-        errors are dropped and one reader reads the whole file again."""
+        """The scans of one file's byte ranges. A quoted file is split too, speculatively
+        (as in Ge et al., "Speculative Distributed CSV Data Parsing", SIGMOD 2019): each
+        range assumes it starts outside a quoted field, which holds when the range before
+        it ended outside one. Where one did not (a quoted field held a line end across a
+        cut), or any range failed, the ranges after it may have read garbage: their
+        results and errors are dropped and one reader reads the whole file again."""
         if not plan.quoted:
-            return await _gather(*self._ranges("experiments", plan, scan, workdir, partitions))
+            return await _gather(*self._ranges(kind, plan, scan, workdir, partitions))
         results = await _gather(
-            *self._ranges("experiments", plan, scan, workdir, partitions, speculative=True)
+            *self._ranges(kind, plan, scan, workdir, partitions, speculative=True)
         )
         if len(results) > 1 and any(r.fatal for r in results):
-            log.info("experiments: a quoted field spans a cut, or a range failed: read again")
-            self.progress.rows_read["experiments"] = 0
+            log.info("%s: a quoted field spans a cut, or a range failed: read again", kind)
+            self.progress.rows_read[kind] = 0
             self.progress.bytes_read -= plan.size - plan.data_offset
-            await asyncio.to_thread(_remove, workdir, "experiments[0-9]*-spill")
+            await asyncio.to_thread(_remove, workdir, f"{kind}[0-9]*-spill")
             whole = dataclasses.replace(plan, cuts=plan.cuts[:1])  # one range
             results = await _gather(
-                *self._ranges("experiments", whole, scan, workdir, partitions, speculative=True)
+                *self._ranges(kind, whole, scan, workdir, partitions, speculative=True)
             )
         for result in results:
             self._report(result)
@@ -372,8 +382,8 @@ class Pipeline:
         speculative: bool = False,
     ) -> list[Awaitable[ScanResult]]:
         """A scan of each byte range of a file, largest first: the workers take tasks in
-        this order, and a file read whole (a quoted users.csv cannot be split) started
-        last kept one worker busy alone at the end (10M sparse: ~2 s with one core idle).
+        this order, and a large range started last kept one worker busy alone at the end
+        (a quoted users.csv read whole, 10M sparse: ~2 s with one core idle).
 
         ``speculative`` splits a quoted file too and leaves its errors unreported: the
         caller reports them once the ranges are known to have started at row starts."""

@@ -330,18 +330,36 @@ async def test_partitioned_catalogue_reports_the_same_compound_errors(
     await assert_failed_and_intact(baseline, run)
 
 
-EXPERIMENT_ROW_FAILURES = [
-    (i, e, x) for i, e, x in FAILURES if x["file"] == EXPERIMENTS and x["line"] is not None
+# Per file: a field quoted early on, and a field of its last row (after every error)
+# quoted so that it holds line ends across a cut.
+QUOTING = {
+    USERS: (b"\tEve,", b'\t"Eve",', b"judy@example.com", b'"judy@' + b"\n" * 24 + b'x.org"'),
+    COMPOUNDS: (b"\tCompound A,", b'\t"Compound A",', b"C8H11NO2", b'"C8' + b"\n" * 24 + b'H11"'),
+    EXPERIMENTS: (
+        b"\n2,\t1,\t2;3,",
+        b'\n2,\t1,\t"2;3",',
+        b"1;3,\t60",
+        b'1;3,\t"60' + b"\n" * 24 + b'"',
+    ),
+}
+HEADER_LINES = {USERS: 2, COMPOUNDS: 1, EXPERIMENTS: 1}  # in the sample
+KINDS = {USERS: "users", COMPOUNDS: "compounds", EXPERIMENTS: "experiments"}
+ROW_FAILURES = [
+    (i, e, x)
+    for i, e, x in FAILURES
+    if x["line"] is not None
+    and x["line"] > HEADER_LINES[x["file"]]
+    and x["message"] != "unterminated quoted field"  # it would pair with the quotes added
 ]
 
 
 @pytest.mark.parametrize("spans", [False, True], ids=["cut-at-rows", "quote-across-a-cut"])
 @pytest.mark.parametrize(
     ("edit", "error"),
-    [(e, x) for _, e, x in EXPERIMENT_ROW_FAILURES],
-    ids=[i for i, _, _ in EXPERIMENT_ROW_FAILURES],
+    [(e, x) for _, e, x in ROW_FAILURES],
+    ids=[i for i, _, _ in ROW_FAILURES],
 )
-async def test_a_quoted_experiments_file_in_ranges_reports_the_same_errors(
+async def test_a_quoted_file_in_ranges_reports_the_same_errors(
     baseline: Baseline,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
@@ -349,22 +367,28 @@ async def test_a_quoted_experiments_file_in_ranges_reports_the_same_errors(
     error: dict[str, Any],
     spans: bool,
 ) -> None:
-    """A quoted experiments file is read in byte ranges too, each assumed to start at a
-    row: the same errors at the same places. Where a quoted field holds line ends across
-    a cut (the last row's run time here, after every error), the file is read again by
-    one reader."""
+    """A quoted file is read in byte ranges too, each assumed to start at a row: the
+    errors of one reader, at the same places. Where a quoted field holds line ends
+    across a cut, or a range's reader cannot go on, one reader reads the file again."""
     edit(baseline.data)
-    replace(baseline.data / EXPERIMENTS, b"\n2,\t1,\t2;3,", b'\n2,\t1,\t"2;3",')
+    file = error["file"]
+    quoted, quoting, spanned, spanning = QUOTING[file]
+    replace(baseline.data / file, quoted, quoting)
     if spans:
-        replace(baseline.data / EXPERIMENTS, b"1;3,\t60", b'1;3,\t"60' + b"\n" * 24 + b'"')
+        replace(baseline.data / file, spanned, spanning)
     monkeypatch.setattr(etl, "RANGE_BYTES", 24)
     ranges = dataclasses.replace(baseline.settings, chunk_bytes=16, workers=2)
     with caplog.at_level(logging.INFO, logger="service.etl"):
         run = await run_once(ranges, baseline.data)
-    assert run["errors"] == [error]
-    assert run["error_total"] == 1
-    assert ("read again" in caplog.text) == spans
+    read_again = f"{KINDS[file]}: a quoted field spans a cut" in caplog.text
     await assert_failed_and_intact(baseline, run)
+    one_reader = await run_once(baseline.settings, baseline.data)  # one range: the sample
+    assert run["errors"] == one_reader["errors"]
+    assert run["error_total"] == one_reader["error_total"] == 1
+    assert run["errors"] == [error]
+    # An error the reader cannot read past fails a run in skip mode too.
+    cannot_go_on = (await run_once(ranges, baseline.data, SKIP))["status"] == "failed"
+    assert read_again == (spans or cannot_go_on)
 
 
 def for_every_file(edit: Callable[[bytes], bytes]) -> Callable[[Path], None]:

@@ -103,9 +103,13 @@ def datasets(draw: st.DrawFn) -> dict[str, str]:
         text += "".join(end + SEP.join(line) for line in lines)
         return text + draw(st.sampled_from(["", end, end * 2]))
 
-    def name() -> str:  # sometimes quoted, holding a comma (an export's "Smith, Alice")
+    def name() -> str:
+        """Sometimes quoted, holding a comma (an export's "Smith, Alice") and maybe a line
+        end: a byte range of users.csv or compounds.csv may start inside one."""
         plain = draw(names)
-        return f'"{plain}, Q"' if draw(st.booleans()) else field(plain)
+        if not draw(st.booleans()):
+            return field(plain)
+        return f'"{plain},{draw(st.sampled_from(["", "", chr(10), chr(13) + chr(10)]))} Q"'
 
     # Some exports quote the experiments' fields too, and a quoted field may hold a line
     # end (stripped with the field): a byte range may start inside one.
@@ -123,7 +127,7 @@ def datasets(draw: st.DrawFn) -> dict[str, str]:
     users = [
         [field(id_text(u)), name(), field(f"u{u}@x.org"), field("2023-01-01")] for u in user_ids
     ]
-    compounds = [[field(c), field(draw(names)), field(f"C{c}H{draw(ids)}")] for c in compound_ids]
+    compounds = [[field(c), name(), field(f"C{c}H{draw(ids)}")] for c in compound_ids]
     experiments = []
     for e in experiment_ids:
         listed = draw(st.lists(st.sampled_from(compound_ids), max_size=5))

@@ -341,8 +341,8 @@ def test_quoted_users_fast_path_spills_what_the_reader_reads(
     plan = plan_file(path, USERS)
     if not plan.quoted or plan.lone_cr:
         return
-    fast = scan.quoted_users(plan, directory, "fast", 3, None, block)
     whole = scan.ByteRange(plan.data_offset, plan.size, plan.header_line + 1)
+    fast = scan.quoted_users(plan, whole, directory, "fast", 3, None, block)
     try:
         slow = scan.scan_users(plan, whole, directory, "slow", 3, quoted_blocks=False)
     except FileError:  # the reader refuses the file (an unterminated quote, say)

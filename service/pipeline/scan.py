@@ -147,7 +147,7 @@ def scan_users(
     ``quoted_blocks`` is False: then, as when they refuse it, the readers read it.
     """
     if quoted_blocks and plan.quoted and not plan.lone_cr:
-        fast = quoted_users(plan, spill_dir, prefix, partitions, stop)
+        fast = quoted_users(plan, part, spill_dir, prefix, partitions, stop)
         if fast is not None:
             return fast
     log = ErrorLog(keep)
@@ -168,29 +168,24 @@ def scan_users(
 
 def quoted_users(
     plan: FilePlan,
+    part: ByteRange,
     spill_dir: Path,
     prefix: str,
     partitions: int,
     stop: Stop | None,
     block: int = fastpath.BLOCK,
 ) -> ScanResult | None:
-    """A users.csv with quotes, by fast-path blocks where they all take it, else None.
+    """A range of a users.csv with quotes, by fast-path blocks where they all take it,
+    else None.
 
-    Such a file is one task (a quoted field could hold a line end, so it is not split).
     Blocks cut at line ends are read in order; while each one's quotes are all placed
     and none holds a line end, the next block starts at a row start too. The first
     block the fast path refuses (or that cannot be decoded) ends this try: the reader
-    then reads the whole file again, as it would have, and says what is wrong.
+    then reads the range again, as it would have, and says what is wrong.
     """
     result = ScanResult()
     blocks = raw_blocks(
-        plan.path,
-        plan.name,
-        plan.data_offset,
-        plan.size,
-        block,
-        plan.header_line + 1,
-        lf_only=True,
+        plan.path, plan.name, part.start, part.end, block, part.first_line, lf_only=True
     )
     with ColumnSpill(spill_dir, prefix, partitions) as spill:
         try:
