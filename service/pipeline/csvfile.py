@@ -6,12 +6,12 @@ RFC 4180 quoting works even after the tab, a UTF-8 BOM is accepted and CRLF, LF 
 all end a line. Files are read in large byte blocks cut at line ends, which lets a file
 without quotes be split into byte ranges and parsed by several processes at once.
 
-A file with quotes is read by one reader (a quoted field may hold a line end, so a byte
-offset does not say where a row starts), but still in C-level passes per chunk: Python's
-csv module cannot honour a quote after the tab, and rewriting each line character by
-character in Python made quoted names cost several times the plain file. One reader may
-also read a range of it that starts at a line start, assumed to be a row start
-(``split_ranges(speculative=True)``; the caller checks the assumption).
+A file with quotes is read by a sequential reader (a quoted field may hold a line end,
+so a byte offset does not say where a row starts), but still in C-level passes per
+chunk: Python's csv module cannot honour a quote after the tab, and rewriting each line
+character by character in Python made quoted names cost several times the plain file.
+Such a file is still cut at line starts, each range's reader assuming it starts at a
+row (``split_ranges(speculative=True)``; the caller checks the assumption).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class FilePlan:
     header_line: int  # physical line number of the header
     columns: dict[str, int]  # required column -> field index
     width: int  # number of fields in the header
-    quoted: bool  # the data contains a quote: must be read by one sequential reader
+    quoted: bool  # the data contains a quote: split only speculatively (split_ranges)
     lone_cr: bool  # some line ends are a bare CR: cannot be split at LF
     # Where the data may be cut into byte ranges: (offset of a line start, its line
     # number), about one per planning block; the first is the data's own start. Empty
@@ -113,7 +113,7 @@ def _scan_bytes(
 
     A cut point is the start of the line after each block's last LF, with its line
     number (counted in LFs, which is exact where there is no bare CR). A line too long
-    for any reader stops the scan early, reported as quoted: the one sequential reader
+    for any reader stops the scan early, reported as quoted: the sequential reader
     then fails on it without this scan reading a huge file to the end.
     """
     quoted = lone_cr = False
@@ -497,7 +497,7 @@ def block_batch(plan: FilePlan, data: bytes, line_no: int) -> Batch:
 def _quoted_batches(
     plan: FilePlan, begin: int, stop: int, block: int, first: int
 ) -> Iterator[Batch]:
-    """The one sequential reader: C-level passes per chunk where they are certain to read
+    """The sequential reader: C-level passes per chunk where they are certain to read
     what the character-level reader reads, that reader itself where they are not.
 
     Each chunk is parsed up to its last line end outside quotes; the rest, a row still

@@ -91,7 +91,7 @@ def _raw_or_batches(
     # block's bytes at a time (a quoted 69 MB users.csv in 8 MiB batches: 124 MB peak;
     # 1M experiments with their columns in another order in 8 MiB blocks: 356 MB).
     size = min(block, fastpath.BLOCK)
-    if not plan.splittable():  # one sequential reader (over a range: see split_ranges)
+    if not plan.splittable():  # the sequential reader, over a range (see split_ranges)
         yield from iter_batches(plan, part.start, part.end, size, part.first_line)
         return
     for data, line_no in raw_blocks(
