@@ -16,13 +16,20 @@ from typing import Any
 import asyncpg
 
 from .db import sql
-from .db.database import Connection, Pool, terminate_backends
+from .db.database import (
+    CONNECTION_ERRORS,
+    Connection,
+    Pool,
+    server_pid,
+    terminate,
+    terminate_backends,
+)
 
 log = logging.getLogger(__name__)
 
 ACTIVE = ("queued", "running")
 # What a database call can raise when the database, or the way to it, is gone.
-DATABASE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+DATABASE_ERRORS = CONNECTION_ERRORS
 
 
 class RunAlreadyEnded(Exception):
@@ -132,11 +139,11 @@ class RunStore:
         A connection that stopped answering still holds the lock in its server backend,
         which is ended over a fresh connection.
         """
+        pid = server_pid(conn)  # now: a connection that dies leaves its proxy empty
         try:
             await conn.fetchval(sql.RUN_UNLOCK, run_id)
         except DATABASE_ERRORS:
-            pid = conn.get_server_pid()
-            conn.terminate()
+            terminate(conn)
             await self.pool.release(conn)
             await self.pool.expire_connections()
             await terminate_backends(self.pool, [pid])

@@ -29,6 +29,7 @@ from badinput import (
     snapshot,
 )
 
+from service.db.database import to_the_end
 from service.generate import generate
 from service.jobs import run_once
 from service.settings import Settings
@@ -265,3 +266,27 @@ async def test_a_hundred_reruns_give_identical_results_and_leak_nothing(
     app_settings: Settings, medium_data: Path, admin: asyncpg.Connection
 ) -> None:
     await reruns_are_identical(app_settings, medium_data, admin, 100)
+
+
+async def test_a_close_runs_to_its_end_before_a_cancellation_goes_on() -> None:
+    """A staged load's close (abort, then release) ends before its caller's cancellation
+    goes on. With ``asyncio.shield`` alone the caller went on at once: the chaos soak saw
+    a release reset a frozen connection beside an unfinished abort, and the staging
+    tables dropped after the run was recorded as over."""
+    steps: list[str] = []
+
+    async def close() -> None:
+        steps.append("abort")
+        await asyncio.sleep(0.2)
+        steps.append("release")
+
+    async def caller() -> None:
+        await to_the_end(close())
+        steps.append("went on")
+
+    task = asyncio.create_task(caller())
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert steps == ["abort", "release"]

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import Any, TypeAlias
 
@@ -51,12 +52,52 @@ def connect_kwargs(settings: Settings) -> dict[str, Any]:
     }
 
 
-async def terminate_backends(pool: Pool, pids: list[int]) -> None:
+CONNECTION_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
+def server_pid(conn: Connection) -> int | None:
+    """The server backend of a pool connection; None once the connection died (the pool
+    has then taken it back, and its proxy answers nothing)."""
+    try:
+        return conn.get_server_pid()
+    except asyncpg.InterfaceError:
+        return None
+
+
+def terminate(conn: Connection) -> None:
+    """Close a failed connection at once; one that died is already back in the pool."""
+    with contextlib.suppress(asyncpg.InterfaceError):
+        conn.terminate()
+
+
+async def to_the_end(step: Awaitable[None]) -> None:
+    """Run ``step`` to its end even if the caller is cancelled meanwhile, and only then
+    pass the cancellation on. ``asyncio.shield`` alone lets the caller go on at once:
+    a pool release then ran beside an abort that had not yet ended the connections (it
+    waited 2 s on a frozen one), and the staging tables were dropped after the run was
+    recorded as over."""
+    task = asyncio.ensure_future(step)
+    cancelled = False
+    while True:
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.done():
+                raise
+            cancelled = True
+            continue
+        break
+    if cancelled:
+        raise asyncio.CancelledError
+
+
+async def terminate_backends(pool: Pool, pids: list[int | None]) -> None:
     """End the server backends of connections that stopped answering, over a fresh one.
 
     Such a backend lives on (holding its locks: a run lock, a staging table) until its
     TCP keepalives fail; ending it lets the next run proceed at once.
     """
+    pids = [pid for pid in pids if pid is not None]
     if not pids:
         return
     try:

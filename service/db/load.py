@@ -17,7 +17,15 @@ from typing import Any
 import asyncpg
 
 from . import sql
-from .database import Connection, Pool, terminate_backends
+from .database import (
+    CONNECTION_ERRORS,
+    Connection,
+    Pool,
+    server_pid,
+    terminate,
+    terminate_backends,
+    to_the_end,
+)
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +188,7 @@ class StagedLoad:
         except (OSError, asyncpg.InterfaceError, TimeoutError):
             # Its connection failed after the commit (a network that froze, say): once
             # more over a new one, bounded; else the next run or the reaper drops them.
-            _terminate(conn)
+            terminate(conn)
             await self._drop_over_new_connection(
                 [sql.drop_retired(table) for table in sql.RESULT_TABLES], "replaced result tables"
             )
@@ -195,9 +203,9 @@ class StagedLoad:
         if stalled:
             # Connections that stopped answering are of no use, here or in the pool: end
             # them and their backends (which hold the staging tables' locks).
-            pids = [conn.get_server_pid() for conn in self._conns]
+            pids = [server_pid(conn) for conn in self._conns]
             for conn in self._conns:
-                _terminate(conn)
+                terminate(conn)
             await self.pool.expire_connections()
             await terminate_backends(self.pool, pids)
             tables = list(sql.RESULT_TABLES)[: len(self._conns)]
@@ -210,7 +218,7 @@ class StagedLoad:
             try:
                 await conn.execute(sql.drop_staging(table))
             except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError):
-                _terminate(conn)
+                terminate(conn)
                 orphaned.append(table)
         if orphaned:
             await self._drop_over_new_connection(
@@ -233,21 +241,20 @@ class StagedLoad:
             log.warning("%s left for the next run to drop: %s", what, exc)
 
     async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
+        # To the end, whatever cancels the caller: a cancellation arriving during one
+        # release left the others' connections checked out (the pool's close then waited
+        # for them forever), and one arriving during the abort let the release run first.
+        await to_the_end(self._close(exc_type is not None, isinstance(exc, TimeoutError)))
+
+    async def _close(self, failed: bool, stalled: bool) -> None:
         try:
-            if exc_type is not None:
-                stalled = isinstance(exc, TimeoutError)
-                await asyncio.shield(self._abort(stalled))
+            if failed:
+                await self._abort(stalled)
         finally:
-            # Shielded: a cancellation arriving during one release left the others'
-            # connections checked out, and the pool's close then waited for them forever.
-            await asyncio.shield(self._release())
+            await self._release()
 
     async def _release(self) -> None:
         for conn in self._conns:
-            await self.pool.release(conn)
-
-
-def _terminate(conn: Connection) -> None:
-    """Close a failed connection; one that died is already back in the pool: leave it."""
-    with contextlib.suppress(asyncpg.InterfaceError):
-        conn.terminate()
+            # A reset that fails ends its connection (asyncpg): the others still go back.
+            with contextlib.suppress(*CONNECTION_ERRORS):
+                await self.pool.release(conn)
