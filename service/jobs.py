@@ -25,11 +25,11 @@ import asyncpg
 
 from . import rejects
 from .cluster import ClusterError, not_ready, sized_for
-from .db.database import Connection, Pool
+from .db.database import DATABASE_ERRORS, Connection, Pool
 from .etl import Pipeline, RunOptions, RunStats
 from .faults import describe
 from .pipeline.errors import MAX_REPORTED_ERRORS, InputError
-from .runstore import ACTIVE, DATABASE_ERRORS, Ending, RunStore
+from .runstore import ACTIVE, Ending, RunStore
 from .webhooks import Webhooks
 from .workers import BrokenProcessPool, WorkerPool
 

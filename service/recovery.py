@@ -15,9 +15,9 @@ import asyncio
 import logging
 from typing import Any
 
-from .db.database import ensure_schema
+from .db.database import DATABASE_ERRORS, ensure_schema
 from .jobs import Runner
-from .runstore import DATABASE_ERRORS, Ending, RunStore
+from .runstore import Ending, RunStore
 from .scratch import clean_leftovers
 from .workers import WorkerPool
 

@@ -17,7 +17,7 @@ import asyncpg
 
 from .db import sql
 from .db.database import (
-    CONNECTION_ERRORS,
+    DATABASE_ERRORS,
     Connection,
     Pool,
     server_pid,
@@ -28,8 +28,6 @@ from .db.database import (
 log = logging.getLogger(__name__)
 
 ACTIVE = ("queued", "running")
-# What a database call can raise when the database, or the way to it, is gone.
-DATABASE_ERRORS = CONNECTION_ERRORS
 
 
 class RunAlreadyEnded(Exception):

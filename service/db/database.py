@@ -52,7 +52,8 @@ def connect_kwargs(settings: Settings) -> dict[str, Any]:
     }
 
 
-CONNECTION_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+# What a database call can raise when the database, or the way to it, is gone.
+DATABASE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 def server_pid(conn: Connection) -> int | None:

@@ -18,7 +18,7 @@ import asyncpg
 
 from . import sql
 from .database import (
-    CONNECTION_ERRORS,
+    DATABASE_ERRORS,
     Connection,
     Pool,
     server_pid,
@@ -237,7 +237,7 @@ class StagedLoad:
                 await conn.execute(f"SET LOCAL lock_timeout = '{timeout_ms}ms'")
                 for drop in drops:
                     await conn.execute(drop)
-        except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError) as exc:
+        except DATABASE_ERRORS as exc:
             log.warning("%s left for the next run to drop: %s", what, exc)
 
     async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
@@ -256,5 +256,5 @@ class StagedLoad:
     async def _release(self) -> None:
         for conn in self._conns:
             # A reset that fails ends its connection (asyncpg): the others still go back.
-            with contextlib.suppress(*CONNECTION_ERRORS):
+            with contextlib.suppress(*DATABASE_ERRORS):
                 await self.pool.release(conn)
