@@ -19,6 +19,7 @@ from .cluster import ClusterError, shared_paths
 from .db import sql
 from .db.database import Pool, open_pool
 from .etl import RunOptions
+from .faults import background_faults
 from .generate import SHAPES, Shape, generate
 from .inputs import DELIMITERS, check_encoding
 from .jobs import Runner, directory_request
@@ -130,13 +131,19 @@ def _spelled(names: list[str]) -> str:
 def on_database(settings: Settings, work: Coroutine[Any, Any, T]) -> T:
     """Run ``work``; an unreachable database or cluster is a one-line error, not a traceback."""
     try:
-        return asyncio.run(work)
+        return asyncio.run(_quiet_faults(work))
     except ClusterError as exc:
         raise click.ClickException(str(exc)) from None
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise click.ClickException(
             f"cannot use the database at {where_data_went(settings)}: {exc}"
         ) from None
+
+
+async def _quiet_faults(work: Coroutine[Any, Any, T]) -> T:
+    """``work``, with background tasks' operational faults logged as one line."""
+    asyncio.get_running_loop().set_exception_handler(background_faults)
+    return await work
 
 
 def where_data_went(settings: Settings) -> str:

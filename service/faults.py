@@ -1,23 +1,29 @@
 """Operational faults in one line: what went wrong and where, for a run's record and the CLI.
 
 A full spill disk, a spill directory the service may not write, the database's own disk
-full, a database that stopped answering, a worker process that died: each gets a sentence
-naming the place (and, for space, about how much is needed). Anything else is a bug and
-is a bug: :func:`describe` returns None, and the caller keeps the exception's type and
-text and logs its traceback.
+full, a database that stopped answering or ended the connection, a worker process that
+died: each gets a sentence naming the place (and, for space, about how much is needed).
+Anything else is a bug: :func:`describe` returns None, and the caller keeps the
+exception's type and text and logs its traceback.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import logging
 import math
+import socket
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 
+from .db.database import DATABASE_ERRORS
 from .runstore import RunAlreadyEnded
+
+log = logging.getLogger(__name__)
 
 # Spill files take about the input's size; a bit more for their index and upload copies.
 SPILL_FACTOR = 1.2
@@ -34,8 +40,10 @@ def describe(exc: BaseException, settings: Any, pipeline: Any = None) -> str | N
     if isinstance(exc, RunAlreadyEnded):
         return str(exc)
     if isinstance(exc, asyncpg.DiskFullError):
-        host = (settings.database_url or "the embedded PostgreSQL").split("@")[-1]
-        return f"the database's disk is full ({host}): {_first_line(exc)}"
+        return f"the database's disk is full ({_database(settings)}): {_first_line(exc)}"
+    if _connection_failed(exc):
+        database = _database(settings)
+        return f"the connection to the database failed ({database}): {_first_line(exc)}"
     if isinstance(exc, TimeoutError):
         detail = str(exc)
         if detail.startswith("database stopped answering"):
@@ -46,6 +54,27 @@ def describe(exc: BaseException, settings: Any, pipeline: Any = None) -> str | N
         if where is not None:
             return _disk_fault(exc, where, pipeline)
     return None
+
+
+def _connection_failed(exc: BaseException) -> bool:
+    """The database ended the connection, or it broke or could not be made: a terminated
+    backend, a server shut down or starting up, a connection refused or reset, a host
+    name without an address.
+
+    asyncpg also says "cannot switch to state ..." when a connection is used while it
+    still waits for the end of an error the server sent as it went away; each of the
+    service's connections has one user at a time, so that is a broken connection too.
+    """
+    if isinstance(exc, asyncpg.PostgresConnectionError | asyncpg.OperatorInterventionError):
+        return True  # SQLSTATE classes 08 and 57P: admin or crash shutdown, cannot connect now
+    if isinstance(exc, asyncpg.InternalClientError):
+        return str(exc).startswith("cannot switch to state")
+    return isinstance(exc, ConnectionError | socket.gaierror)
+
+
+def _database(settings: Any) -> str:
+    """The database, as a run's message names it (never its password)."""
+    return str(settings.database_url or "the embedded PostgreSQL").split("@")[-1]
 
 
 def _place(exc: OSError, spill: Path) -> Path | None:
@@ -75,3 +104,22 @@ def _disk_fault(exc: OSError, spill: Path, pipeline: Any) -> str:
 
 def _first_line(exc: BaseException) -> str:
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def background_faults(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """The event loop's exception handler: a task nobody awaited that ended in an
+    operational fault is one warning line; anything else gets asyncio's own report,
+    traceback and all.
+
+    Libraries leave such tasks when connections fail together: asyncpg's pool closes its
+    connections in a ``gather`` that raises the first timeout and leaves the others'.
+    """
+    exc = context.get("exception")
+    if not isinstance(exc, (*DATABASE_ERRORS, BrokenProcessPool)):
+        loop.default_exception_handler(context)
+        return
+    task = context.get("future")
+    coro = task.get_coro() if isinstance(task, asyncio.Task) else None
+    where = f" ({getattr(coro, '__qualname__', coro)})" if coro is not None else ""
+    what = f"{type(exc).__name__}: {_first_line(exc)}" if str(exc) else type(exc).__name__
+    log.warning("%s%s: %s", context.get("message", "unhandled exception"), where, what)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
+import logging
 import time
 import uuid
 from collections import Counter
@@ -30,6 +32,7 @@ from badinput import (
 )
 
 from service.db.database import to_the_end
+from service.faults import background_faults
 from service.generate import generate
 from service.jobs import run_once
 from service.settings import Settings
@@ -112,6 +115,7 @@ async def test_connection_killed_mid_copy_fails_fast_and_keeps_old_results(
     large_data: Path,
     admin: asyncpg.Connection,
     table: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     settings = app_settings
     assert (await run_once(settings, sample_dir))["status"] == "succeeded"
@@ -133,7 +137,12 @@ async def test_connection_killed_mid_copy_fails_fast_and_keeps_old_results(
 
     assert run["status"] == "failed", run
     assert finished - killed < 15, "the run took too long to notice its dead connection"
+    host = str(settings.database_url).split("@")[-1]
+    assert run["message"].startswith(f"the connection to the database failed ({host}): ")
     assert "terminating connection due to administrator command" in run["message"]
+    # An operational fault: one line in the log, no traceback (that is for bugs).
+    failed = [r for r in caplog.records if r.getMessage().startswith("run failed")]
+    assert [(r.levelno, r.exc_info) for r in failed] == [(logging.ERROR, None)], failed
     assert await snapshot(settings) == before
     assert [r["status"] for r in await run_rows(settings)] == ["succeeded", "failed"]
     await assert_clean(settings, admin)
@@ -290,3 +299,48 @@ async def test_a_close_runs_to_its_end_before_a_cancellation_goes_on() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert steps == ["abort", "release"]
+
+
+def unretrieved(loop: asyncio.AbstractEventLoop) -> list[dict[str, object]]:
+    """What reaches ``loop``'s exception handler once its dropped tasks are collected."""
+    reported: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    gc.collect()
+    return reported
+
+
+async def test_a_background_fault_is_one_line_and_a_bug_keeps_its_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Tasks nobody awaits: one that a database fault ended is one warning line; one
+    that a bug ended goes to asyncio's own report, traceback and all."""
+    loop = asyncio.get_running_loop()
+
+    async def lost() -> None:
+        raise asyncpg.ConnectionDoesNotExistError("connection was closed in the middle")
+
+    async def bug() -> None:
+        raise KeyError("a bug")
+
+    loop.set_exception_handler(background_faults)
+    try:
+        for coro in (lost(), bug()):
+            task = loop.create_task(coro)
+            await asyncio.sleep(0)
+            assert task.done()
+            del task  # never awaited: asyncio reports it as it is collected
+            gc.collect()
+    finally:
+        loop.set_exception_handler(None)
+    lines = [(r.levelno, r.getMessage(), r.exc_info is not None) for r in caplog.records]
+    assert lines[0] == (
+        logging.WARNING,
+        "Task exception was never retrieved (test_a_background_fault_is_one_line_and_a_bug"
+        "_keeps_its_traceback.<locals>.lost): ConnectionDoesNotExistError: connection was"
+        " closed in the middle",
+        False,
+    ), lines
+    assert len(lines) == 2, lines
+    level, message, traceback = lines[1]
+    assert (level, traceback) == (logging.ERROR, True), lines
+    assert message.startswith("Task exception was never retrieved") and "KeyError" in message

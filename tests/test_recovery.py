@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -432,3 +433,20 @@ def test_operational_faults_read_as_one_line_naming_the_place(settings: Settings
     )
     elsewhere = OSError(errno.ENOSPC, "No space left on device", "/somewhere/else")
     assert describe(elsewhere, settings) is None  # not the spill directory: not ours to name
+    failed = f"the connection to the database failed ({host}): "
+    for gone, detail in (
+        (
+            asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of op"),
+            "connection was closed in the middle of op",
+        ),
+        (asyncpg.AdminShutdownError("terminating connection"), "terminating connection"),
+        (asyncpg.CannotConnectNowError("the system is starting up"), "the system is starting up"),
+        (ConnectionRefusedError(111, "Connect call failed"), "[Errno 111] Connect call failed"),
+        (socket.gaierror(-2, "Name or service not known"), "[Errno -2] Name or service not known"),
+        (
+            asyncpg.InternalClientError("cannot switch to state 15; another operation (2)"),
+            "cannot switch to state 15; another operation (2)",
+        ),
+    ):
+        assert describe(gone, settings) == failed + detail
+    assert describe(asyncpg.InternalClientError("something else"), settings) is None

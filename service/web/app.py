@@ -17,6 +17,7 @@ from aiohttp.typedefs import Middleware
 from ..cluster import open_executor
 from ..db import sql
 from ..db.database import open_pool
+from ..faults import background_faults
 from ..jobs import Runner
 from ..recovery import bootstrap, reap_forever
 from ..settings import Settings
@@ -53,6 +54,7 @@ def create_app(settings: Settings) -> web.Application:
 
 
 async def database(app: web.Application) -> AsyncIterator[None]:
+    asyncio.get_running_loop().set_exception_handler(background_faults)
     # Lazy: the server starts (and /healthz answers) while the database is down.
     async with open_pool(app[SETTINGS], lazy=True) as pool:
         app[POOL] = pool
