@@ -524,6 +524,7 @@ class Pipeline:
                 asyncio.ensure_future(self._call(aggregate_slice, p))
                 for p in itertools.islice(parts, window)
             }
+            finished: set[asyncio.Task[SliceResult]] = set()
             try:
                 while running:
                     finished, running = await asyncio.wait(
@@ -538,7 +539,8 @@ class Pipeline:
             except BaseException:
                 for task in running:
                     task.cancel()
-                await asyncio.gather(*running, return_exceptions=True)
+                # The finished ones too: another that failed beside the one read is read.
+                await asyncio.gather(*running, *finished, return_exceptions=True)
                 raise
             return await self._call(merge_slices, job, [merged])
 
@@ -650,15 +652,23 @@ async def _as_done(calls: Iterator[Awaitable[T]], window: int) -> AsyncGenerator
     left a worker without work. Calls still running when the caller stops are cancelled.
     """
     running = {asyncio.ensure_future(c) for c in itertools.islice(calls, window)}
+    unread: list[asyncio.Future[T]] = []  # finished together with the one being read
     try:
         while running:
             finished, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-            for task in finished:
+            unread = list(finished)
+            while unread:
+                task = unread.pop()
                 running.update(map(asyncio.ensure_future, itertools.islice(calls, 1)))
                 yield task.result()
     finally:
         for task in running:
             task.cancel()
+        # Read, so that asyncio does not log them as never retrieved: when one call
+        # failed (a worker killed), the others that failed with it share its fault.
+        for task in (*unread, *running):
+            if task.done() and not task.cancelled():
+                task.exception()
 
 
 async def _both(first: Awaitable[A], second: Awaitable[B]) -> tuple[A, B]:

@@ -32,6 +32,7 @@ from badinput import (
 )
 
 from service.db.database import to_the_end
+from service.etl import _as_done
 from service.faults import background_faults
 from service.generate import generate
 from service.jobs import run_once
@@ -307,6 +308,31 @@ def unretrieved(loop: asyncio.AbstractEventLoop) -> list[dict[str, object]]:
     loop.set_exception_handler(lambda _, context: reported.append(context))
     gc.collect()
     return reported
+
+
+async def test_calls_that_fail_together_leave_no_exception_unretrieved() -> None:
+    """A killed worker fails every call it had: the first failure is the one raised, and
+    asyncio must not log the others as 'Task exception was never retrieved'."""
+
+    async def fails(delay: float) -> int:
+        await asyncio.sleep(delay)
+        raise ValueError("worker gone")
+
+    async def works() -> int:
+        await asyncio.sleep(0.01)
+        return 1
+
+    # Two finish at once and fail; a third fails while the caller is stopping.
+    calls = iter([fails(0.02), fails(0.02), fails(0.025), works(), works()])
+    results = _as_done(calls, 4)
+    first = await results.__anext__()
+    with pytest.raises(ValueError, match="worker gone"):
+        await results.__anext__()
+    await asyncio.sleep(0.02)  # the third has failed meanwhile
+    await results.aclose()
+    assert first == 1
+    del results, calls
+    assert unretrieved(asyncio.get_running_loop()) == []
 
 
 async def test_a_background_fault_is_one_line_and_a_bug_keeps_its_traceback(
