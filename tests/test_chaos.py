@@ -11,7 +11,8 @@ connections, or every open connection frozen (no FIN, no RST). After each run:
 - no temporary directory is left, and no staging table once the service has had a say;
 - no connection is leaked: every backend of the service is idle, holds no advisory lock,
   and there are no more than its pool allows; none at all once the server stopped;
-- no stray process: a server that died took its workers with it.
+- no stray process: a server that died took its workers with it;
+- every fault is an operational one, so no log line carries a traceback: each is one line.
 
 The short variant runs in the default suite; ``-m slow`` runs the long one.
 """
@@ -261,6 +262,21 @@ async def soak_runs(soak: Soak, runs: int, seed: int) -> None:
         await asyncio.sleep(0.1)
     if rows := await backends(soak.admin, soak.settings):
         soak.violations.append(f"connections left after the server stopped: {rows}")
+    soak.violations.extend(tracebacks(soak.logs))
+
+
+def tracebacks(logs: Path) -> list[str]:
+    """The servers' JSON log lines that carry a traceback, each shown by its message."""
+    found = []
+    for path in sorted(logs.glob("serve-*.log")):
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue  # not a JSON line: output of the embedded server, say
+            if isinstance(entry, dict) and "exc" in entry:
+                found.append(f"{path.name}: a traceback in the log: {entry.get('msg')!r}")
+    return found
 
 
 @pytest.fixture
