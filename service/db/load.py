@@ -35,6 +35,7 @@ CLEANUP_TIMEOUT = 10.0  # seconds to get a connection and locks for dropping sta
 # asyncpg bounds a COPY as a whole; a long run's COPY lasts as long as its aggregation, so
 # it is watched for progress instead (see ``TableStream.put`` and ``StagedLoad.finish``).
 COPY_DEADLINE = 7 * 24 * 3600.0
+LOST_GRACE = 1.0  # seconds a COPY whose connection was lost gets to end with its own error
 
 
 class DatabaseStalled(TimeoutError):
@@ -58,21 +59,64 @@ class TableStream:
         self.queue: asyncio.Queue[object] = asyncio.Queue(maxsize=4)
         self.rows = 0
         self.task: asyncio.Task[None] | None = None
+        # Set when the connection is lost. A COPY whose socket was paused for writing
+        # as the server went away waits for it to resume, forever (asyncpg): the COPY is
+        # given up at once instead of after ``timeout`` of no progress.
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        conn.add_termination_listener(self._lost)
+
+    def _lost(self, _conn: object) -> None:
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+    def forget(self) -> None:
+        """Stop listening to the connection: it goes back to the pool (a lost one is
+        back already, and its proxy refuses every call)."""
+        with contextlib.suppress(asyncpg.InterfaceError):
+            self.conn.remove_termination_listener(self._lost)
 
     async def _records(self) -> AsyncIterator[Sequence[Any]]:
-        while (batch := await self.queue.get()) is not _DONE:
+        while (batch := await self._next_batch()) is not _DONE:
             assert isinstance(batch, Sequence)
             self.rows += len(batch[0])
             for record in zip(*batch, strict=True):
                 yield record
 
+    async def _next_batch(self) -> object:
+        """The next batch; the end once the connection is lost, so that the COPY ends
+        with the server's own error (``terminating connection due to ...``)."""
+        get = asyncio.ensure_future(self.queue.get())
+        waited: set[asyncio.Future[Any]] = {get, self.lost}
+        await asyncio.wait(waited, return_when=asyncio.FIRST_COMPLETED)
+        if get.done():
+            return get.result()
+        get.cancel()
+        return _DONE
+
     async def run(self) -> None:
-        await self.conn.copy_records_to_table(
-            sql.staging(self.table),
-            records=self._records(),
-            columns=list(sql.RESULT_TABLES[self.table]),
-            timeout=COPY_DEADLINE,
+        copy = asyncio.ensure_future(
+            self.conn.copy_records_to_table(
+                sql.staging(self.table),
+                records=self._records(),
+                columns=list(sql.RESULT_TABLES[self.table]),
+                timeout=COPY_DEADLINE,
+            )
         )
+        waited: set[asyncio.Future[Any]] = {copy, self.lost}
+        try:
+            await asyncio.wait(waited, return_when=asyncio.FIRST_COMPLETED)
+            if not copy.done():  # lost: a COPY still asking for rows ends with its error
+                await asyncio.wait({copy}, timeout=LOST_GRACE)
+        finally:
+            if not copy.done():
+                copy.cancel()
+                await asyncio.gather(copy, return_exceptions=True)
+        if not copy.cancelled() and copy.exception() is not None:
+            copy.result()  # the COPY's own error says most
+        if self.lost.done():
+            raise asyncpg.ConnectionDoesNotExistError(
+                f"connection was closed in the middle of operation (COPY into {self.table})"
+            )
         await self.conn.execute(sql.index_staging(self.table))
 
     async def put(self, batch: object) -> None:
@@ -254,6 +298,8 @@ class StagedLoad:
             await self._release()
 
     async def _release(self) -> None:
+        for stream in self.streams.values():
+            stream.forget()
         for conn in self._conns:
             # A reset that fails ends its connection (asyncpg): the others still go back.
             with contextlib.suppress(*DATABASE_ERRORS):
