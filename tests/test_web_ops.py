@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,9 +23,11 @@ import asyncpg
 import psutil  # type: ignore[import-untyped]
 import pytest
 from test_web_support import (
+    RUN_TIMEOUT,
     Serve,
     free_port,
     problem,
+    run_to_the_end,
     start_process,
     status_of,
     until_healthy,
@@ -36,6 +39,7 @@ from service.logs import JsonFormatter
 from service.settings import Settings
 
 pytest_plugins = ["test_web_support"]
+SAMPLE = Path(__file__).resolve().parent.parent / "data"
 
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
@@ -402,3 +406,85 @@ def test_json_formatter_keeps_the_traceback_on_one_line() -> None:
         )
     entry = json.loads(JsonFormatter().format(record))
     assert "ValueError: boom" in entry["exc"]
+
+
+async def test_the_embedded_database_killed_mid_run_is_started_again(
+    big_dataset: Path, tmp_path: Path
+) -> None:
+    """The default database is the server's own: SIGKILLed mid-COPY (the OOM killer), it
+    is started again. The run fails saying the connection failed, in one log line; the
+    old results stay; the next run succeeds, all without restarting the server."""
+    data = tmp_path / "data"
+    shutil.copytree(SAMPLE, data / "sample")
+    shutil.copytree(big_dataset, data / "big")
+    (tmp_path / "spill").mkdir()
+    pgdata = tmp_path / "pgdata"
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "DATABASE_URL"},
+        "ETL_EMBEDDED_DIR": str(pgdata),
+        "ETL_DATA_DIR": str(data),
+        "ETL_TMP_DIR": str(tmp_path / "spill"),
+        "ETL_WORKERS": "2",
+        "ETL_API_TOKEN": "",
+    }
+    port, log_path = free_port(), tmp_path / "serve.log"
+    process = start_server(port, env, log_path)
+    try:
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as client:
+            await until_ready(client, process, log_path)
+            first = await run_to_the_end(client, "sample")
+            before = await features(client, 1)
+            async with client.post("/runs", json={"dataset": "big"}) as response:
+                assert response.status == 202, await response.text()
+                run = await response.json()
+            for _ in range(3000):  # the COPY streams in the loading phase
+                if (await live(client, run["id"]))["progress"]["phase"] == "loading":
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                raise AssertionError("the run never started loading")
+            killed = await postmaster(pgdata)
+            os.kill(killed, signal.SIGKILL)
+
+            failed = await wait_for(client, run["id"], {"succeeded", "failed", "cancelled"})
+            assert failed["status"] == "failed", failed
+            assert failed["message"].startswith(
+                "the connection to the database failed (the embedded PostgreSQL): "
+            ), failed
+            assert await postmaster(pgdata) != killed  # a new server, on the same data
+            assert await features(client, 1) == before
+            again = await run_to_the_end(client, "sample")
+            assert again["stats"]["experiments"] == first["stats"]["experiments"]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(process.wait, 10) == 0
+    lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
+    assert [e["msg"] for e in lines if "exc" in e] == []  # operational: no traceback
+    assert any(e["msg"] == "the embedded PostgreSQL stopped: starting it again" for e in lines)
+
+
+async def live(client: aiohttp.ClientSession, run_id: int) -> dict[str, Any]:
+    """A run as the API shows it, while the database may be away (503 meanwhile)."""
+    async with asyncio.timeout(RUN_TIMEOUT):
+        while True:
+            async with client.get(f"/runs/{run_id}") as response:
+                if response.status == 200:
+                    return dict(await response.json())
+            await asyncio.sleep(0.05)
+
+
+async def features(client: aiohttp.ClientSession, user_id: int) -> dict[str, Any]:
+    async with client.get(f"/users/{user_id}/features") as response:
+        assert response.status == 200, await response.text()
+        return dict(await response.json())
+
+
+async def postmaster(pgdata: Path) -> int:
+    """The pid of the embedded server's running postmaster (postmaster.pid's first line)."""
+    for _ in range(200):
+        pid_file = pgdata / "postmaster.pid"
+        first = pid_file.read_text().split("\n", 1)[0] if pid_file.exists() else ""
+        if first.isdigit() and psutil.pid_exists(int(first)):
+            return int(first)
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no running postmaster for {pgdata}")

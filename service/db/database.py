@@ -14,7 +14,7 @@ from asyncpg.pool import PoolConnectionProxy
 
 from ..settings import Settings
 from . import sql
-from .embedded import start_embedded
+from .embedded import embedded_running, start_embedded
 
 Pool: TypeAlias = "asyncpg.Pool[asyncpg.Record]"
 Connection: TypeAlias = "PoolConnectionProxy[asyncpg.Record]"
@@ -106,6 +106,34 @@ async def terminate_backends(pool: Pool, pids: list[int | None]) -> None:
             await conn.fetchval(sql.TERMINATE_BACKENDS, pids)
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         log.warning("could not end dead connections' backends %s: %r", pids, exc)
+
+
+EMBEDDED_CHECK_INTERVAL = 1.0  # seconds between looks at the embedded server
+
+
+async def keep_embedded_up(settings: Settings, pool: Pool) -> None:
+    """The embedded server, started again whenever it stops (killed by the OOM killer,
+    say): a server on the default database recovers by itself, as it does when a
+    configured database comes back. Runs until cancelled; each outage is one line."""
+    down = False
+    while True:
+        await asyncio.sleep(EMBEDDED_CHECK_INTERVAL)
+        if await asyncio.to_thread(embedded_running, settings.embedded_dir):
+            continue
+        if not down:
+            log.warning("the embedded PostgreSQL stopped: starting it again", extra={"event": "db"})
+            down = True
+        try:
+            # A killed postmaster's backends leave within a moment; until they have, the
+            # new one cannot start, and the next look tries again.
+            url = await asyncio.to_thread(start_embedded, settings.embedded_dir)
+        except Exception as exc:  # whatever pg_ctl says: try again at the next look
+            log.debug("the embedded PostgreSQL did not start yet: %s", exc)
+            continue
+        pool.set_connect_args(url, **connect_kwargs(settings))
+        await pool.expire_connections()  # the old server's connections are dead
+        log.info("the embedded PostgreSQL runs again", extra={"event": "db"})
+        down = False
 
 
 def quote_ident(name: str) -> str:

@@ -16,9 +16,9 @@ from aiohttp.typedefs import Middleware
 
 from ..cluster import open_executor
 from ..db import sql
-from ..db.database import open_pool
+from ..db.database import keep_embedded_up, open_pool
 from ..faults import background_faults
-from ..jobs import Runner
+from ..jobs import RECORD_PATIENCE, Runner
 from ..recovery import bootstrap, reap_forever
 from ..settings import Settings
 from . import pages
@@ -55,10 +55,17 @@ def create_app(settings: Settings) -> web.Application:
 
 async def database(app: web.Application) -> AsyncIterator[None]:
     asyncio.get_running_loop().set_exception_handler(background_faults)
+    settings = app[SETTINGS]
     # Lazy: the server starts (and /healthz answers) while the database is down.
-    async with open_pool(app[SETTINGS], lazy=True) as pool:
+    async with open_pool(settings, lazy=True) as pool:
         app[POOL] = pool
+        keeper = None
+        if not settings.database_url:
+            keeper = asyncio.create_task(keep_embedded_up(settings, pool), name="embedded")
         yield
+        if keeper is not None:
+            keeper.cancel()
+            await asyncio.gather(keeper, return_exceptions=True)
 
 
 async def executor(app: web.Application) -> AsyncIterator[None]:
@@ -69,6 +76,7 @@ async def executor(app: web.Application) -> AsyncIterator[None]:
 
 async def runner(app: web.Application) -> AsyncIterator[None]:
     job_runner = Runner(app[POOL], app[EXECUTOR], app[SETTINGS])
+    job_runner.record_patience = RECORD_PATIENCE  # a restarted database gets the run's end
     app[METRICS].watch(job_runner)
     app[RUNNER] = job_runner
     # Schema and crash recovery wait for the database in the background; until then
