@@ -36,6 +36,8 @@ from .workers import BrokenProcessPool, WorkerPool
 log = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL = 1.0
+RECORD_RETRY = 1.0  # seconds between tries to record a run's end while the database is away
+RECORD_PATIENCE = 20.0  # a server's run waits this long for its database to come back
 CANCELLED = "cancelled; nothing was loaded"
 
 
@@ -121,6 +123,9 @@ class Runner:
         # False until the schema is in place and orphans are recovered (see ``recovery``).
         self.ready = True
         self.on_finish: Callable[[str, Pipeline, RunStats | None, float], None] | None = None
+        # Seconds a run's end waits for an unreachable database to record it (a server,
+        # whose database restarts: the run's own message, not the reaper's); 0 once closing.
+        self.record_patience = 0.0
         self.webhooks = Webhooks(pool, settings, self.get)
 
     async def submit(self, request: RunRequest) -> dict[str, Any]:
@@ -232,6 +237,7 @@ class Runner:
 
         Webhook deliveries get ``webhook_grace`` seconds, then are cancelled.
         """
+        self.record_patience = 0.0  # no waiting for a database that is gone
         task = self.task
         if task is not None and not task.done():
             if self.pipeline is not None and self.pipeline.progress.phase == "done":
@@ -267,7 +273,12 @@ class RunLife:
             # One shielded step: a second cancellation cannot skip releasing the run's
             # lock connection or recording how the run ended.
             await asyncio.shield(self._wrap_up(lock_conn, started))
-        return await self.runner.get(self.run_id)
+        try:
+            return await self.runner.get(self.run_id)
+        except DATABASE_ERRORS:
+            # The database is gone (the run's end may not be recorded yet: the reaper
+            # records it once the lock is free): the ending as this process knows it.
+            return self.ending.as_run(self.run_id)
 
     async def _attempt(self) -> None:
         run_id, pipeline, ending = self.run_id, self.pipeline, self.ending
@@ -323,6 +334,10 @@ class RunLife:
             # The guarded write: a run whose swap committed stays succeeded, whatever came
             # after (a cancellation while the replaced tables were dropped, say).
             recorded = await self.store.finish(self.run_id, ending)
+            deadline = time.monotonic() + runner.record_patience
+            while recorded is None and time.monotonic() < deadline and runner.record_patience:
+                await asyncio.sleep(RECORD_RETRY)
+                recorded = await self.store.finish(self.run_id, ending, quiet=True)
             if recorded == "succeeded":
                 ending.status, ending.message = "succeeded", None
             elif recorded is not None:

@@ -23,7 +23,12 @@ from .workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
-ORPHANED = "the process running this run stopped unexpectedly; nothing was loaded"
+# Its lock is gone: the process died, or (seen from a replica) the connection that held
+# the lock did, as when the database restarted under a running run.
+ORPHANED = (
+    "the process running this run stopped unexpectedly, or lost its connection to the"
+    " database; nothing was loaded"
+)
 
 
 async def recover(store: RunStore, settings: Any) -> list[int]:
@@ -32,12 +37,16 @@ async def recover(store: RunStore, settings: Any) -> list[int]:
     return await reap(store, settings.lock_timeout)
 
 
-async def reap(store: RunStore, lock_timeout: float = 5.0) -> list[int]:
-    """Mark runs whose process died as failed, and drop the tables they left; the ids."""
+async def reap(store: RunStore, lock_timeout: float = 5.0, mine: int | None = None) -> list[int]:
+    """Mark runs whose process died as failed, and drop the tables they left; the ids.
+
+    ``mine``: the run this process is running, never an orphan here, even while its
+    lock is gone with a connection the database lost (the run ends itself on that).
+    """
     marked: list[int] = []
     async with store.pool.acquire() as conn:
         for run_id in await store.orphans(conn):
-            if not await store.lock(conn, run_id):
+            if run_id == mine or not await store.lock(conn, run_id):
                 continue  # its process is alive and holds the lock
             try:
                 if await store.finish(run_id, Ending("failed", ORPHANED)) == "failed":
@@ -82,8 +91,9 @@ async def reap_forever(runner: Runner, interval: float) -> None:
             await asyncio.to_thread(workers.heal)
         if not runner.ready:
             continue
+        mine = None if runner.task_done() else runner.run_id
         try:
-            if await reap(runner.store, runner.settings.lock_timeout):
+            if await reap(runner.store, runner.settings.lock_timeout, mine):
                 await asyncio.to_thread(clean_leftovers, runner.settings.tmp_dir)
         except DATABASE_ERRORS as exc:
             log.warning("reaper: database unavailable", extra={"detail": repr(exc)})

@@ -48,6 +48,18 @@ class Ending:
     stats: dict[str, Any] | None = None
     progress: dict[str, Any] | None = None
 
+    def as_run(self, run_id: int) -> dict[str, Any]:
+        """The run's JSON fields that the ending holds (when its row cannot be read)."""
+        return {
+            "id": run_id,
+            "status": self.status,
+            "message": self.message,
+            "errors": self.errors,
+            "error_total": self.total,
+            "stats": self.stats,
+            "progress": self.progress,
+        }
+
     def args(self) -> tuple[Any, ...]:
         return (
             self.status,
@@ -105,13 +117,14 @@ class RunStore:
         if await conn.fetchval(sql.FINISH_RUN, run_id, *ending.args()) is None:
             raise RunAlreadyEnded(run_id)
 
-    async def finish(self, run_id: int, ending: Ending) -> str | None:
+    async def finish(self, run_id: int, ending: Ending, quiet: bool = False) -> str | None:
         """Record how the run ended, unless it already has; the status the row holds.
 
         A connection that stopped answering must not keep the truth from the record:
         after a failure the pool's connections are expired and the write is tried once
         more on a fresh one. None when the database could not be reached at all (the
-        run stays active; recovery marks it failed once its lock is gone).
+        run stays active; recovery marks it failed once its lock is gone). ``quiet``:
+        the caller tries again and has said so already.
         """
         for attempt in (1, 2):
             try:
@@ -121,10 +134,11 @@ class RunStore:
                         recorded = await conn.fetchval(sql.RUN_STATUS, run_id)
                 return str(recorded) if recorded is not None else None
             except DATABASE_ERRORS as exc:
-                log.warning(
-                    "could not record the end of the run",
-                    extra={"run_id": run_id, "detail": repr(exc), "attempt": attempt},
-                )
+                if not quiet:
+                    log.warning(
+                        "could not record the end of the run",
+                        extra={"run_id": run_id, "detail": repr(exc), "attempt": attempt},
+                    )
                 await self.pool.expire_connections()
         return None
 

@@ -313,24 +313,26 @@ def unretrieved(loop: asyncio.AbstractEventLoop) -> list[dict[str, object]]:
 async def test_calls_that_fail_together_leave_no_exception_unretrieved() -> None:
     """A killed worker fails every call it had: the first failure is the one raised, and
     asyncio must not log the others as 'Task exception was never retrieved'."""
+    together, later = asyncio.Event(), asyncio.Event()
 
-    async def fails(delay: float) -> int:
-        await asyncio.sleep(delay)
+    async def fails(when: asyncio.Event) -> int:
+        await when.wait()
         raise ValueError("worker gone")
 
     async def works() -> int:
-        await asyncio.sleep(0.01)
         return 1
 
-    # Two finish at once and fail; a third fails while the caller is stopping.
-    calls = iter([fails(0.02), fails(0.02), fails(0.025), works(), works()])
+    # Two fail at the same moment; a third fails while the caller is stopping.
+    calls = iter([works(), fails(together), fails(together), fails(later)])
     results = _as_done(calls, 4)
-    first = await results.__anext__()
+    assert await results.__anext__() == 1
+    together.set()
     with pytest.raises(ValueError, match="worker gone"):
         await results.__anext__()
-    await asyncio.sleep(0.02)  # the third has failed meanwhile
+    later.set()
+    for _ in range(3):
+        await asyncio.sleep(0)  # the third has failed meanwhile
     await results.aclose()
-    assert first == 1
     del results, calls
     assert unretrieved(asyncio.get_running_loop()) == []
 

@@ -48,8 +48,12 @@ from test_web_support import (
     wait_for,
 )
 
+from service.db import sql
+from service.db.database import open_pool
 from service.faults import describe
 from service.jobs import run_once
+from service.recovery import ORPHANED, reap
+from service.runstore import RunStore
 from service.settings import Settings
 from service.web.keys import EXECUTOR
 from service.workers import make_executor
@@ -450,3 +454,19 @@ def test_operational_faults_read_as_one_line_naming_the_place(settings: Settings
     ):
         assert describe(gone, settings) == failed + detail
     assert describe(asyncpg.InternalClientError("something else"), settings) is None
+
+
+async def test_the_reaper_never_takes_the_run_of_its_own_process(settings: Settings) -> None:
+    """A run whose lock went with a connection the database lost (a restart) is still
+    running in this process, which records its end itself; another process's reaper, or
+    this one's once the run is over, marks it failed as an orphan."""
+    async with open_pool(settings) as pool:
+        store = RunStore(pool)
+        async with pool.acquire() as conn:
+            row = await store.create(conn, {"kind": "test"}, {}, None, None)
+        await store.start(row["id"])  # running, and nobody holds its lock
+        assert await reap(store, mine=row["id"]) == []
+        assert await pool.fetchval(sql.RUN_STATUS, row["id"]) == "running"
+        assert await reap(store) == [row["id"]]
+        ended = await pool.fetchrow(sql.RUN_BY_ID, row["id"])
+    assert (ended["status"], ended["message"]) == ("failed", ORPHANED)
