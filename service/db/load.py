@@ -87,11 +87,12 @@ class TableStream:
         with the server's own error (``terminating connection due to ...``)."""
         get = asyncio.ensure_future(self.queue.get())
         waited: set[asyncio.Future[Any]] = {get, self.lost}
-        await asyncio.wait(waited, return_when=asyncio.FIRST_COMPLETED)
-        if get.done():
-            return get.result()
-        get.cancel()
-        return _DONE
+        try:
+            await asyncio.wait(waited, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not get.done():
+                get.cancel()
+        return get.result() if get.done() and not get.cancelled() else _DONE
 
     async def run(self) -> None:
         copy = asyncio.ensure_future(
@@ -111,6 +112,8 @@ class TableStream:
             if not copy.done():
                 copy.cancel()
                 await asyncio.gather(copy, return_exceptions=True)
+            elif not copy.cancelled():
+                copy.exception()  # read, also when this stream's own cancellation goes on
         if not copy.cancelled() and copy.exception() is not None:
             copy.result()  # the COPY's own error says most
         if self.lost.done():
