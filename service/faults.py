@@ -41,7 +41,7 @@ def describe(exc: BaseException, settings: Any, pipeline: Any = None) -> str | N
         return str(exc)
     if isinstance(exc, asyncpg.DiskFullError):
         return f"the database's disk is full ({_database(settings)}): {_first_line(exc)}"
-    if _connection_failed(exc):
+    if connection_failed(exc):
         database = _database(settings)
         return f"the connection to the database failed ({database}): {_first_line(exc)}"
     if isinstance(exc, TimeoutError):
@@ -56,7 +56,7 @@ def describe(exc: BaseException, settings: Any, pipeline: Any = None) -> str | N
     return None
 
 
-def _connection_failed(exc: BaseException) -> bool:
+def connection_failed(exc: BaseException) -> bool:
     """The database ended the connection, or it broke or could not be made: a terminated
     backend, a server shut down or starting up, a connection refused or reset, a host
     name without an address.

@@ -17,6 +17,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from ..cluster import ClusterError
+from ..faults import connection_failed
 from ..jobs import (
     DatabaseUnavailable,
     IdempotencyMismatch,
@@ -77,6 +78,14 @@ class Problem(Exception):
 
 
 def from_domain(exc: Exception) -> Problem | None:
+    if _database_away(exc):
+        return Problem(
+            503,
+            f"the database is unavailable ({type(exc).__name__}); try again shortly",
+            title="Database unavailable",
+            kind="database-unavailable",
+            headers={"Retry-After": "5"},
+        )
     match exc:
         case RunConflict():
             return Problem(
@@ -97,20 +106,6 @@ def from_domain(exc: Exception) -> Problem | None:
         case RunNotFound():
             return Problem(
                 404, str(exc), title="Run not found", kind="run-not-found", run_id=exc.run_id
-            )
-        case (
-            DatabaseUnavailable()
-            | OSError()  # refused, reset or timed out (TimeoutError is an OSError)
-            | asyncpg.CannotConnectNowError()
-            | asyncpg.ConnectionDoesNotExistError()
-            | asyncpg.UndefinedTableError()  # the schema is not there yet
-        ):
-            return Problem(
-                503,
-                f"the database is unavailable ({type(exc).__name__}); try again shortly",
-                title="Database unavailable",
-                kind="database-unavailable",
-                headers={"Retry-After": "5"},
             )
         case WorkersUnavailable():
             return Problem(
@@ -136,6 +131,13 @@ def from_domain(exc: Exception) -> Problem | None:
                 kind="idempotency-mismatch",
             )
     return None
+
+
+def _database_away(exc: Exception) -> bool:
+    """Down or unreachable (refused, reset, timed out: TimeoutError is an OSError), the
+    schema not there yet, or a connection it ended or that broke mid-operation."""
+    away = DatabaseUnavailable | OSError | asyncpg.UndefinedTableError
+    return isinstance(exc, away) or connection_failed(exc)
 
 
 def from_http(request: web.Request, exc: web.HTTPException) -> Problem:
