@@ -114,8 +114,8 @@ class TableStream:
                 await asyncio.gather(copy, return_exceptions=True)
             elif not copy.cancelled():
                 copy.exception()  # read, also when this stream's own cancellation goes on
-        if not copy.cancelled() and copy.exception() is not None:
-            copy.result()  # the COPY's own error says most
+        if not copy.cancelled():
+            copy.result()  # its own error, where it has one, says most
         if self.lost.done():
             raise asyncpg.ConnectionDoesNotExistError(
                 f"connection was closed in the middle of operation (COPY into {self.table})"
