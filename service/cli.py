@@ -11,13 +11,12 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 from urllib.parse import quote, urlencode
 
-import asyncpg
 import click
 from click.core import ParameterSource
 
 from .cluster import ClusterError, shared_paths
 from .db import sql
-from .db.database import Pool, open_pool
+from .db.database import DATABASE_ERRORS, Pool, open_pool
 from .etl import RunOptions
 from .faults import background_faults
 from .generate import SHAPES, Shape, generate
@@ -134,7 +133,7 @@ def on_database(settings: Settings, work: Coroutine[Any, Any, T]) -> T:
         return asyncio.run(_quiet_faults(work))
     except ClusterError as exc:
         raise click.ClickException(str(exc)) from None
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except DATABASE_ERRORS as exc:
         raise click.ClickException(
             f"cannot use the database at {where_data_went(settings)}: {exc}"
         ) from None

@@ -21,11 +21,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import asyncpg
 from yarl import URL
 
 from .db import sql
-from .db.database import Pool
+from .db.database import DATABASE_ERRORS, Pool
 from .settings import Settings
 
 if TYPE_CHECKING:  # imported when a webhook is sent: `run` alone does not load aiohttp
@@ -126,7 +125,7 @@ class Webhooks:
                     status["status"] = "cancelled"
             await asyncio.shield(self._record(run))
             raise
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except DATABASE_ERRORS as exc:
             log.warning(
                 "webhook not sent: the run could not be read",
                 extra={"run_id": run_id, "event": "webhook", "detail": repr(exc)},
@@ -192,7 +191,7 @@ class Webhooks:
         async with run.lock:
             try:
                 await self.pool.execute(sql.SET_WEBHOOKS, run.run_id, json.dumps(run.statuses))
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except DATABASE_ERRORS as exc:
                 log.warning(
                     "webhook status not recorded",
                     extra={"run_id": run.run_id, "event": "webhook", "detail": repr(exc)},

@@ -104,7 +104,7 @@ async def terminate_backends(pool: Pool, pids: list[int | None]) -> None:
     try:
         async with pool.acquire(timeout=CONNECT_TIMEOUT) as conn:
             await conn.fetchval(sql.TERMINATE_BACKENDS, pids)
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except DATABASE_ERRORS as exc:
         log.warning("could not end dead connections' backends %s: %r", pids, exc)
 
 
