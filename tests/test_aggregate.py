@@ -607,7 +607,7 @@ def file_extents(files: Sequence[Sequence[int]]) -> list[Extent]:
             starts.append(at)
             ends.append(at + n)
             at += n + 11
-        extents.append(Extent(Path(f"spill-{i}"), starts, ends))
+        extents.append(Extent(f"spill-{i}", starts, ends))
     return extents
 
 

@@ -155,7 +155,7 @@ async def test_a_hot_users_partition_is_aggregated_in_slices_with_the_same_resul
 
 def test_slices_cover_a_partitions_bytes_once_in_order(tmp_path: Path) -> None:
     offsets = [array("q", range(0, 10 * k + 1, k)) for k in (3, 50, 7)]
-    extents = [spill.Extent(tmp_path / str(i), o[:-1], o[1:]) for i, o in enumerate(offsets)]
+    extents = [spill.Extent(str(tmp_path / str(i)), o[:-1], o[1:]) for i, o in enumerate(offsets)]
     for size in (1, 10, 60, 200, 1000):
         runs = etl._slices(extents, size)
         ranges = [
